@@ -1,0 +1,240 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+// Version is set at build time.
+var Version = "dev"
+
+// NewLogger returns the structured logger the config asks for.
+func NewLogger(c LogConfig) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// Run runs the agent until ctx is done, then shuts down gracefully.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	store, err := content.Open(filepath.Join(cfg.DataDir, "content"), content.Options{
+		MaxBytes:      int64(cfg.Cache.MaxBytes),
+		HighWatermark: cfg.Cache.HighWatermark,
+		LowWatermark:  cfg.Cache.LowWatermark,
+		Registerer:    reg,
+		Logger:        log.With("component", "content"),
+	})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	endpoints, err := endpoints(cfg.Upstreams)
+	if err != nil {
+		return err
+	}
+	upstream, err := source.NewRegistry(source.RegistryOptions{
+		Endpoints:  endpoints,
+		Registerer: reg,
+		Logger:     log.With("component", "upstream"),
+		UserAgent:  "imagemesh-node-agent/" + Version,
+	})
+	if err != nil {
+		return err
+	}
+	m, err := mirror.New(mirror.Options{
+		Store:           store,
+		Source:          source.NewChain(source.Link{Source: upstream, ResolveTags: true}),
+		DefaultRegistry: cfg.DefaultRegistry,
+		Registries:      cfg.Registries,
+		TagTTL:          time.Duration(cfg.TagTTL),
+		TagDir:          filepath.Join(cfg.DataDir, "tags"),
+		Registerer:      reg,
+		Logger:          log.With("component", "mirror"),
+	})
+	if err != nil {
+		return err
+	}
+
+	// Listen before writing hosts.toml, so that containerd is never pointed at a port nobody holds.
+	apiLn, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	var ready atomic.Bool
+	api := http.NewServeMux()
+	api.Handle("/v2/", m)
+	api.Handle("/v2", m)
+	ops := api
+	var metricsLn net.Listener
+	if cfg.MetricsListen != "" {
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			apiLn.Close()
+			return fmt.Errorf("listen %s: %w", cfg.MetricsListen, err)
+		}
+		ops = http.NewServeMux()
+	}
+	ops.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	ops.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	ops.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready\n", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	if ops != api {
+		// The health endpoints answer on the API address too: that is what a hosts.toml user can see.
+		api.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	}
+
+	if cfg.HostConfig.Dir != "" && len(cfg.HostConfig.Registries) > 0 {
+		if err := applyHostConfig(cfg, apiLn.Addr().String(), log); err != nil {
+			apiLn.Close()
+			if metricsLn != nil {
+				metricsLn.Close()
+			}
+			return err
+		}
+	}
+
+	servers := []*http.Server{newServer(api, log)}
+	listeners := []net.Listener{apiLn}
+	if metricsLn != nil {
+		servers = append(servers, newServer(ops, log))
+		listeners = append(listeners, metricsLn)
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	for i := range servers {
+		srv, ln := servers[i], listeners[i]
+		g.Go(func() error {
+			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+			}
+			return nil
+		})
+	}
+	ready.Store(true)
+	attrs := []any{"version", Version, "listen", apiLn.Addr().String(), "dataDir", cfg.DataDir,
+		"cacheMaxBytes", int64(cfg.Cache.MaxBytes), "defaultRegistry", cfg.DefaultRegistry, "upstreams", upstreamSummary(cfg.Upstreams)}
+	if metricsLn != nil {
+		attrs = append(attrs, "metricsListen", metricsLn.Addr().String())
+	}
+	log.Info("node agent serving", attrs...)
+
+	g.Go(func() error {
+		<-gctx.Done()
+		ready.Store(false)
+		log.Info("shutting down; waiting for transfers under way", "timeout", time.Duration(cfg.ShutdownTimeout).String())
+		sctx, cancel := context.WithTimeout(context.Background(), time.Duration(cfg.ShutdownTimeout))
+		defer cancel()
+		var errs []error
+		for _, srv := range servers {
+			if err := srv.Shutdown(sctx); err != nil {
+				errs = append(errs, err)
+				srv.Close()
+			}
+		}
+		return errors.Join(errs...)
+	})
+	err = g.Wait()
+	store.Close()
+	log.Info("node agent stopped")
+	return err
+}
+
+func newServer(h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// No WriteTimeout: a layer of several GiB to a slow node is a legitimate, long answer.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
+func endpoints(ups []Upstream) (map[string]source.Endpoint, error) {
+	eps := make(map[string]source.Endpoint, len(ups))
+	for _, u := range ups {
+		ep, err := url.Parse(u.Endpoint)
+		if err != nil {
+			return nil, fmt.Errorf("upstream %s: %w", u.Host, err)
+		}
+		e := source.Endpoint{URL: ep, Username: u.Username, CAFile: u.CAFile, InsecureSkipVerify: u.InsecureSkipVerify}
+		if u.PasswordFile != "" {
+			pw, err := os.ReadFile(u.PasswordFile)
+			if err != nil {
+				return nil, fmt.Errorf("upstream %s: password file: %w", u.Host, err)
+			}
+			e.Password = strings.TrimRight(string(pw), "\r\n")
+		}
+		eps[u.Host] = e
+	}
+	return eps, nil
+}
+
+// upstreamSummary is what the log may say about upstreams: hosts and endpoints, never credentials.
+func upstreamSummary(ups []Upstream) string {
+	parts := make([]string, 0, len(ups))
+	for _, u := range ups {
+		s := u.Host + "=" + u.Endpoint
+		if u.Username != "" {
+			s += " (authenticated)"
+		}
+		parts = append(parts, s)
+	}
+	return strings.Join(parts, ", ")
+}
+
+func applyHostConfig(cfg Config, listenAddr string, log *slog.Logger) error {
+	mirrorURL := cfg.HostConfig.MirrorURL
+	if mirrorURL == "" {
+		mirrorURL = "http://" + listenAddr
+	}
+	servers := map[string]string{}
+	for _, u := range cfg.Upstreams {
+		servers[u.Host] = strings.TrimSuffix(u.Endpoint, "/")
+	}
+	var regs []hostconfig.Registry
+	for _, host := range cfg.HostConfig.Registries {
+		regs = append(regs, hostconfig.Registry{Host: host, Server: servers[host], Mirrors: []hostconfig.Mirror{{URL: mirrorURL}}})
+	}
+	changed, err := hostconfig.Apply(cfg.HostConfig.Dir, regs)
+	if len(changed) > 0 {
+		log.Info("wrote containerd hosts.toml", "dir", cfg.HostConfig.Dir, "registries", changed, "mirror", mirrorURL)
+	}
+	if err != nil {
+		return fmt.Errorf("containerd host configuration: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,268 @@
+// Package agent assembles the node agent from its parts: configuration, content store, sources, the
+// mirror and the operational endpoints.
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/docker/go-units"
+	"sigs.k8s.io/yaml"
+
+	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+)
+
+// Config is the agent's configuration. The YAML file uses these field names; flags override them.
+type Config struct {
+	// Listen is the address of the pull API.
+	Listen string `json:"listen"`
+	// MetricsListen, if set, serves /metrics and the health endpoints on their own address;
+	// otherwise they are served on Listen.
+	MetricsListen string `json:"metricsListen,omitempty"`
+	// DataDir holds the content store and the tag answers.
+	DataDir string      `json:"dataDir"`
+	Cache   CacheConfig `json:"cache"`
+	// DefaultRegistry is the registry of requests that name none.
+	DefaultRegistry string `json:"defaultRegistry"`
+	// Registries, if set, are the only registries the agent pulls from.
+	Registries []string `json:"registries,omitempty"`
+	// TagTTL is how long a tag's answer is reused before the upstream is asked again.
+	TagTTL Duration `json:"tagTTL"`
+	// Upstreams say how to reach registries; any other registry is reached at https://<host>.
+	Upstreams  []Upstream       `json:"upstreams,omitempty"`
+	HostConfig HostConfigConfig `json:"hostConfig"`
+	Log        LogConfig        `json:"log"`
+	// ShutdownTimeout bounds how long SIGTERM waits for transfers under way.
+	ShutdownTimeout Duration `json:"shutdownTimeout"`
+}
+
+// CacheConfig bounds the content store.
+type CacheConfig struct {
+	// MaxBytes is a number of bytes or a size such as 20GiB; 0 means unbounded.
+	MaxBytes      ByteSize `json:"maxBytes"`
+	HighWatermark float64  `json:"highWatermark"`
+	LowWatermark  float64  `json:"lowWatermark"`
+}
+
+// Upstream is how to reach one registry.
+type Upstream struct {
+	// Host as image references name it: docker.io, ghcr.io, registry.example:5000.
+	Host string `json:"host"`
+	// Endpoint is the URL requests go to, e.g. https://registry-1.docker.io or http://127.0.0.1:5001.
+	Endpoint string `json:"endpoint"`
+	Username string `json:"username,omitempty"`
+	// PasswordFile holds the password, so that the config itself carries no secret.
+	PasswordFile       string `json:"passwordFile,omitempty"`
+	CAFile             string `json:"caFile,omitempty"`
+	InsecureSkipVerify bool   `json:"insecureSkipVerify,omitempty"`
+}
+
+// HostConfigConfig says which containerd hosts.toml files the agent writes.
+type HostConfigConfig struct {
+	// Dir is containerd's registry config_path, e.g. /etc/containerd/certs.d. Empty writes nothing.
+	Dir string `json:"dir,omitempty"`
+	// MirrorURL is the agent as containerd reaches it. Default http://<listen>.
+	MirrorURL string `json:"mirrorURL,omitempty"`
+	// Registries get a hosts.toml that points them at the agent.
+	Registries []string `json:"registries,omitempty"`
+}
+
+// LogConfig configures the structured log.
+type LogConfig struct {
+	Level  string `json:"level"`  // debug, info, warn, error
+	Format string `json:"format"` // text or json
+}
+
+// Default returns the configuration the agent runs with when nothing is given.
+func Default() Config {
+	return Config{
+		Listen:          "127.0.0.1:5000",
+		DataDir:         defaultDataDir(),
+		Cache:           CacheConfig{HighWatermark: 0.9, LowWatermark: 0.8},
+		DefaultRegistry: "docker.io",
+		TagTTL:          Duration(30 * time.Second),
+		Log:             LogConfig{Level: "info", Format: "text"},
+		ShutdownTimeout: Duration(30 * time.Second),
+	}
+}
+
+func defaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/imagemesh"
+	}
+	if dir, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(dir, "imagemesh")
+	}
+	return filepath.Join(os.TempDir(), "imagemesh")
+}
+
+// LoadFile reads a YAML config over c. Unknown fields are errors: a typo should not be ignored.
+func (c *Config) LoadFile(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if err := yaml.UnmarshalStrict(b, c); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+// SetUpstream adds or replaces the endpoint of one registry host, as --upstream HOST=URL does.
+func (c *Config) SetUpstream(spec string) error {
+	host, endpoint, ok := strings.Cut(spec, "=")
+	if !ok || host == "" || endpoint == "" {
+		return fmt.Errorf("--upstream %q: want HOST=URL, e.g. example.test=http://127.0.0.1:5001", spec)
+	}
+	for i := range c.Upstreams {
+		if c.Upstreams[i].Host == host {
+			c.Upstreams[i].Endpoint = endpoint
+			return nil
+		}
+	}
+	c.Upstreams = append(c.Upstreams, Upstream{Host: host, Endpoint: endpoint})
+	return nil
+}
+
+// Validate reports every problem with the configuration at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("listen %q: %w", c.Listen, err))
+	}
+	if c.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			errs = append(errs, fmt.Errorf("metricsListen %q: %w", c.MetricsListen, err))
+		}
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("dataDir is required"))
+	}
+	if c.Cache.MaxBytes < 0 {
+		errs = append(errs, errors.New("cache.maxBytes must not be negative"))
+	}
+	if !(0 < c.Cache.LowWatermark && c.Cache.LowWatermark <= c.Cache.HighWatermark && c.Cache.HighWatermark <= 1) {
+		errs = append(errs, fmt.Errorf("cache watermarks: want 0 < low (%v) <= high (%v) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark))
+	}
+	if err := hostconfig.ValidateHost(c.DefaultRegistry); err != nil {
+		errs = append(errs, fmt.Errorf("defaultRegistry: %w", err))
+	}
+	for _, h := range c.Registries {
+		if err := hostconfig.ValidateHost(h); err != nil {
+			errs = append(errs, fmt.Errorf("registries: %w", err))
+		}
+	}
+	if c.TagTTL < 0 {
+		errs = append(errs, errors.New("tagTTL must not be negative"))
+	}
+	seen := map[string]bool{}
+	for _, u := range c.Upstreams {
+		if err := hostconfig.ValidateHost(u.Host); err != nil {
+			errs = append(errs, fmt.Errorf("upstream: %w", err))
+		}
+		if seen[u.Host] {
+			errs = append(errs, fmt.Errorf("upstream %s: given twice", u.Host))
+		}
+		seen[u.Host] = true
+		ep, err := url.Parse(u.Endpoint)
+		if err != nil || (ep.Scheme != "http" && ep.Scheme != "https") || ep.Host == "" || ep.User != nil || (ep.Path != "" && ep.Path != "/") {
+			errs = append(errs, fmt.Errorf("upstream %s: endpoint %q: want http(s)://host[:port], no path or credentials", u.Host, u.Endpoint))
+		}
+		if u.PasswordFile != "" && u.Username == "" {
+			errs = append(errs, fmt.Errorf("upstream %s: passwordFile without username", u.Host))
+		}
+	}
+	for _, h := range c.HostConfig.Registries {
+		if err := hostconfig.ValidateHost(h); err != nil {
+			errs = append(errs, fmt.Errorf("hostConfig.registries: %w", err))
+		}
+	}
+	if len(c.HostConfig.Registries) > 0 && c.HostConfig.Dir == "" {
+		errs = append(errs, errors.New("hostConfig.registries needs hostConfig.dir (containerd's config_path)"))
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log.level %q: want debug, info, warn or error", c.Log.Level))
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		errs = append(errs, fmt.Errorf("log.format %q: want text or json", c.Log.Format))
+	}
+	return errors.Join(errs...)
+}
+
+// ByteSize is a size in bytes that reads from a number or a string such as 512MiB or 20GB.
+type ByteSize int64
+
+func (b *ByteSize) UnmarshalJSON(data []byte) error {
+	var n int64
+	if err := json.Unmarshal(data, &n); err == nil {
+		*b = ByteSize(n)
+		return nil
+	}
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		return fmt.Errorf("size: want a number of bytes or a string such as 20GiB")
+	}
+	return b.Set(s)
+}
+
+func (b ByteSize) MarshalJSON() ([]byte, error) { return json.Marshal(int64(b)) }
+
+// Set parses a size; binary and decimal units are both taken as their names say.
+func (b *ByteSize) Set(s string) error {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		*b = ByteSize(n)
+		return nil
+	}
+	var (
+		n   int64
+		err error
+	)
+	if strings.Contains(strings.ToLower(s), "i") {
+		n, err = units.RAMInBytes(s)
+	} else {
+		n, err = units.FromHumanSize(s)
+	}
+	if err != nil {
+		return fmt.Errorf("size %q: %w", s, err)
+	}
+	*b = ByteSize(n)
+	return nil
+}
+
+func (b *ByteSize) String() string { return units.BytesSize(float64(*b)) }
+func (b *ByteSize) Type() string   { return "size" }
+
+// Duration is a time.Duration that reads from strings such as 30s or 5m.
+type Duration time.Duration
+
+func (d *Duration) UnmarshalJSON(data []byte) error {
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		return fmt.Errorf("duration: want a string such as 30s or 5m")
+	}
+	return d.Set(s)
+}
+
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+func (d *Duration) Set(s string) error {
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func (d *Duration) String() string { return time.Duration(*d).String() }
+func (d *Duration) Type() string   { return "duration" }

@@ -1,0 +1,365 @@
+package content
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Fetched is one answer of a FetchFunc: the blob's bytes from the requested offset on.
+type Fetched struct {
+	Body io.ReadCloser
+	// Size is the size of the whole blob, whatever the offset.
+	Size int64
+	// Source names where the bytes come from, for metrics and logs.
+	Source string
+}
+
+// FetchFunc opens a blob at offset. The store calls it again, with the offset it has reached, when an
+// attempt breaks off, so that one fetch can resume on another source.
+type FetchFunc func(ctx context.Context, offset int64) (*Fetched, error)
+
+// Fetch returns a reader of blob d. If the store holds d, the reader reads the file. Otherwise it joins
+// the fetch of d under way, or starts one with fetch: there is at most one fetch per digest per store, and
+// every reader gets the bytes as they are written. A reader never gets the last byte of a blob before the
+// whole blob has been verified and committed, so a client never receives a corrupt blob in full.
+//
+// Fetch returns when the size of the blob is known; ctx bounds only that wait. The fetch itself runs
+// until it ends, or the store is closed, whether readers stay or not: the blob is wanted.
+func (s *Store) Fetch(ctx context.Context, d digest.Digest, fetch FetchFunc) (*Reader, error) {
+	if _, err := s.path(d); err != nil {
+		return nil, err
+	}
+	for {
+		if f, info, err := s.Open(d); err == nil {
+			return &Reader{f: f, size: info.Size, source: "local"}, nil
+		}
+		s.mu.Lock()
+		if _, ok := s.entries[d]; ok { // committed since Open looked
+			s.mu.Unlock()
+			continue
+		}
+		ing, ok := s.fetching[d]
+		if !ok {
+			var err error
+			ing, err = s.startLocked(d, fetch)
+			if err != nil {
+				s.mu.Unlock()
+				return nil, err
+			}
+		}
+		s.mu.Unlock()
+		return ing.reader(ctx)
+	}
+}
+
+// Fetching reports whether a fetch of d is under way, and its source and size once known.
+func (s *Store) Fetching(d digest.Digest) (source string, size int64, ok bool) {
+	s.mu.Lock()
+	ing, ok := s.fetching[d]
+	s.mu.Unlock()
+	if !ok {
+		return "", 0, false
+	}
+	ing.mu.Lock()
+	defer ing.mu.Unlock()
+	return ing.source, ing.size, true
+}
+
+// ingestion is one fetch under way: a temp file that grows, and the readers that follow it.
+type ingestion struct {
+	s        *Store
+	d        digest.Digest
+	fetch    FetchFunc
+	file     *os.File
+	digester digest.Digester
+
+	mu        sync.Mutex
+	cond      *sync.Cond
+	sized     chan struct{} // closed once size is known or the fetch failed
+	size      int64
+	source    string
+	written   int64
+	committed bool
+	err       error
+}
+
+func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error) {
+	if s.ctx.Err() != nil {
+		return nil, fmt.Errorf("fetch %s: store is closed", d)
+	}
+	f, err := os.CreateTemp(s.ingestDir(), "fetch-")
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", d, err)
+	}
+	ing := &ingestion{s: s, d: d, fetch: fetch, file: f, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1}
+	ing.cond = sync.NewCond(&ing.mu)
+	s.fetching[d] = ing
+	s.metrics.inflight.Inc()
+	s.wg.Add(1)
+	go ing.run()
+	return ing, nil
+}
+
+func (ing *ingestion) reader(ctx context.Context) (*Reader, error) {
+	select {
+	case <-ing.sized:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	ing.mu.Lock()
+	size, source, err := ing.size, ing.source, ing.err
+	ing.mu.Unlock()
+	if size < 0 {
+		return nil, err
+	}
+	// Each reader has its own descriptor: the writer's offset is not shared, and the descriptor
+	// stays valid when the file is renamed into the store.
+	f, err := os.Open(ing.file.Name())
+	if err != nil {
+		// Renamed or removed in between: the fetch has ended, so the store or the error has the answer.
+		ing.mu.Lock()
+		defer ing.mu.Unlock()
+		if ing.committed {
+			f, _, err := ing.s.Open(ing.d)
+			if err != nil {
+				return nil, err
+			}
+			return &Reader{f: f, size: size, source: "local"}, nil
+		}
+		if ing.err != nil {
+			return nil, ing.err
+		}
+		return nil, fmt.Errorf("fetch %s: %w", ing.d, err)
+	}
+	return &Reader{f: f, size: size, source: source, ing: ing}, nil
+}
+
+func (ing *ingestion) run() {
+	s := ing.s
+	defer s.wg.Done()
+	defer s.metrics.inflight.Dec()
+	err := ing.copy()
+	if err == nil {
+		err = ing.verifyAndCommit()
+	} else {
+		ing.file.Close()
+		os.Remove(ing.file.Name())
+	}
+	s.mu.Lock()
+	delete(s.fetching, ing.d)
+	s.mu.Unlock()
+
+	ing.mu.Lock()
+	if err != nil {
+		ing.err = err
+		if ing.size < 0 {
+			close(ing.sized)
+		}
+	} else {
+		ing.committed = true
+	}
+	ing.cond.Broadcast()
+	ing.mu.Unlock()
+	if err != nil {
+		s.log.Warn("fetch failed; nothing was kept", "digest", ing.d, "err", err)
+	}
+}
+
+// copy fills the temp file, resuming from where it stopped when an attempt breaks off.
+func (ing *ingestion) copy() error {
+	s := ing.s
+	hash := ing.digester.Hash()
+	buf := make([]byte, 256<<10)
+	var lastErr error
+	for attempt := 0; attempt < s.opts.FetchAttempts; attempt++ {
+		if attempt > 0 {
+			s.log.Info("resuming fetch", "digest", ing.d, "offset", ing.written, "attempt", attempt+1, "after", lastErr)
+			select {
+			case <-time.After(time.Duration(attempt*attempt) * 100 * time.Millisecond):
+			case <-s.ctx.Done():
+				return fmt.Errorf("fetch %s: %w", ing.d, s.ctx.Err())
+			}
+		}
+		progressed, err := ing.attempt(hash, buf)
+		if err == nil {
+			return nil
+		}
+		lastErr = err
+		if errors.Is(err, ErrSizeMismatch) || errors.Is(err, errPermanent) || s.ctx.Err() != nil {
+			return err
+		}
+		if progressed {
+			attempt = 0 // a source that made progress has earned a fresh budget
+		}
+	}
+	return fmt.Errorf("fetch %s: giving up after %d attempts: %w", ing.d, s.opts.FetchAttempts, lastErr)
+}
+
+var errPermanent = errors.New("permanent")
+
+// attempt runs one FetchFunc call to its end and reports whether it moved the offset.
+func (ing *ingestion) attempt(hash io.Writer, buf []byte) (bool, error) {
+	s := ing.s
+	ctx, cancel := context.WithCancelCause(s.ctx)
+	defer cancel(nil)
+	start := ing.written
+	fetched, err := ing.fetch(ctx, start)
+	if err != nil {
+		if start == 0 {
+			// Nobody has been told a size yet, and the sources have had their chance: report it.
+			return false, fmt.Errorf("%w: %w", errPermanent, err)
+		}
+		return false, err
+	}
+	defer fetched.Body.Close()
+
+	ing.mu.Lock()
+	if ing.size < 0 {
+		ing.size, ing.source = fetched.Size, fetched.Source
+		close(ing.sized)
+	} else {
+		ing.source = fetched.Source
+	}
+	size := ing.size
+	ing.mu.Unlock()
+	if fetched.Size != size {
+		return false, fmt.Errorf("fetch %s from %s: size %d, earlier %d: %w", ing.d, fetched.Source, fetched.Size, size, ErrSizeMismatch)
+	}
+
+	// A source that stops sending is cut off, so that the fetch can resume elsewhere.
+	stall := time.AfterFunc(s.opts.StallTimeout, func() {
+		cancel(fmt.Errorf("no data from %s for %s", fetched.Source, s.opts.StallTimeout))
+	})
+	defer stall.Stop()
+
+	for ing.written < size {
+		n, rerr := fetched.Body.Read(buf)
+		if n > 0 {
+			stall.Reset(s.opts.StallTimeout)
+			if ing.written+int64(n) > size {
+				return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
+			}
+			if _, err := ing.file.Write(buf[:n]); err != nil {
+				return true, fmt.Errorf("%w: write %s: %w", errPermanent, ing.file.Name(), err)
+			}
+			hash.Write(buf[:n])
+			s.metrics.fetchedBytes.WithLabelValues(fetched.Source).Add(float64(n))
+			ing.mu.Lock()
+			ing.written += int64(n)
+			ing.cond.Broadcast()
+			ing.mu.Unlock()
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
+				rerr = cause
+			}
+			return ing.written > start, fmt.Errorf("fetch %s from %s at offset %d: %w", ing.d, fetched.Source, ing.written, rerr)
+		}
+	}
+	if ing.written < size {
+		return ing.written > start, fmt.Errorf("fetch %s from %s: ended at %d of %d bytes: %w", ing.d, fetched.Source, ing.written, size, io.ErrUnexpectedEOF)
+	}
+	// A source that has more to say than it announced is lying about something.
+	if n, _ := fetched.Body.Read(buf[:1]); n > 0 {
+		return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
+	}
+	return true, nil
+}
+
+func (ing *ingestion) verifyAndCommit() error {
+	s := ing.s
+	// The bytes were hashed as they were written, in order, across resumed attempts; hashing the file
+	// again would read the same page cache and delay the last byte of every cold pull.
+	if got := ing.digester.Digest(); got != ing.d {
+		ing.file.Close()
+		os.Remove(ing.file.Name())
+		s.metrics.verifyFailures.Inc()
+		return fmt.Errorf("fetch %s from %s: got %s: %w", ing.d, ing.source, got, ErrDigestMismatch)
+	}
+	return s.commit(ing.file, ing.d, ing.size)
+}
+
+// Reader reads one blob, complete or still arriving. It implements io.ReaderAt.
+type Reader struct {
+	f      *os.File
+	size   int64
+	source string
+	ing    *ingestion // nil when the blob was complete when the reader was made
+}
+
+// Size is the size of the whole blob.
+func (r *Reader) Size() int64 { return r.size }
+
+// Source is "local" for a blob the store held, or the source a fetch under way reads from.
+func (r *Reader) Source() string { return r.source }
+
+// File returns the blob's file when the blob was complete when the reader was made, so that it can be
+// sent with sendfile; nil otherwise.
+func (r *Reader) File() *os.File {
+	if r.ing != nil {
+		return nil
+	}
+	return r.f
+}
+
+// ReadAt reads from the blob, waiting for bytes that have not arrived yet. The last byte is returned
+// only once the blob is verified; if verification or the fetch fails, ReadAt returns that error.
+func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
+	if off >= r.size {
+		return 0, io.EOF
+	}
+	if r.ing != nil {
+		avail, err := r.ing.wait(off)
+		if err != nil {
+			return 0, err
+		}
+		if max := avail - off; int64(len(p)) > max {
+			p = p[:max]
+		}
+	}
+	if rem := r.size - off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	n, err := r.f.ReadAt(p, off)
+	if err == io.EOF && off+int64(n) < r.size {
+		err = io.ErrUnexpectedEOF
+	}
+	if err == nil && off+int64(n) == r.size {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// wait blocks until bytes past off may be read and returns how far they go.
+func (ing *ingestion) wait(off int64) (int64, error) {
+	ing.mu.Lock()
+	defer ing.mu.Unlock()
+	for {
+		if ing.committed {
+			return ing.size, nil
+		}
+		if ing.err != nil {
+			return 0, ing.err
+		}
+		// Hold back the last byte until the digest is verified.
+		if avail := min(ing.written, ing.size-1); avail > off {
+			return avail, nil
+		}
+		ing.cond.Wait()
+	}
+}
+
+// Close releases the reader. A fetch it joined goes on.
+func (r *Reader) Close() error {
+	return r.f.Close()
+}

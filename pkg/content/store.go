@@ -1,0 +1,455 @@
+// Package content is the node's content-addressed blob store.
+//
+// Blobs live at <root>/blobs/<algorithm>/<encoded>, the path derived only from a parsed digest, so no
+// request can name a path outside the store. A blob enters the store through a temp file under
+// <root>/ingest that is fsynced, verified against its digest and only then renamed into place: a crash at
+// any point leaves at most a stray temp file, which Open removes, never a partial or corrupt blob.
+//
+// The store is bounded by size. When a commit takes it over the high watermark, the least recently used
+// blobs that are not pinned are removed until it is under the low watermark. The index is kept in memory
+// and rebuilt from the directory on Open, with file modification times standing in for last use.
+package content
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// ErrNotFound is returned for a digest the store does not hold.
+var ErrNotFound = errors.New("content not found")
+
+// ErrDigestMismatch is returned when bytes do not hash to the digest they were fetched for.
+var ErrDigestMismatch = errors.New("content does not match its digest")
+
+// ErrSizeMismatch is returned when a source sends more or fewer bytes than it announced.
+var ErrSizeMismatch = errors.New("content does not match its announced size")
+
+// Options configure a Store.
+type Options struct {
+	// MaxBytes bounds the size of the store; 0 means unbounded.
+	MaxBytes int64
+	// HighWatermark and LowWatermark are fractions of MaxBytes: eviction starts above the high one and
+	// stops below the low one, so that one commit does not trigger one eviction. Defaults 0.9 and 0.8.
+	HighWatermark, LowWatermark float64
+	// OnCommit and OnRemove are called, outside the store's lock, after a blob became available and after
+	// it was removed. Peering announces and withdraws digests through them.
+	OnCommit, OnRemove func(digest.Digest)
+	// StallTimeout aborts a fetch attempt whose source sent nothing for this long; the fetch then resumes
+	// from the next attempt. Default 30s.
+	StallTimeout time.Duration
+	// FetchAttempts bounds how often one fetch is resumed after a source failed mid-way. Default 4.
+	FetchAttempts int
+	// Registerer receives the store's metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// Info describes a blob held by the store.
+type Info struct {
+	Digest digest.Digest
+	Size   int64
+}
+
+type entry struct {
+	Info
+	pins int
+	elem *list.Element
+}
+
+// Store is a content-addressed blob store on local disk. It is safe for concurrent use.
+type Store struct {
+	root string
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	entries  map[digest.Digest]*entry
+	lru      *list.List // front: most recently used
+	total    int64
+	fetching map[digest.Digest]*ingestion
+
+	// ctx bounds the fetches the store runs on behalf of readers: a fetch outlives the request that
+	// started it (others may be waiting for it), but not the store.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	metrics *metrics
+}
+
+// Open opens or creates the store under root and rebuilds its index from disk.
+func Open(root string, opts Options) (*Store, error) {
+	if opts.HighWatermark == 0 {
+		opts.HighWatermark = 0.9
+	}
+	if opts.LowWatermark == 0 {
+		opts.LowWatermark = 0.8
+	}
+	if opts.LowWatermark > opts.HighWatermark || opts.HighWatermark > 1 || opts.LowWatermark <= 0 {
+		return nil, fmt.Errorf("content store: watermarks must satisfy 0 < low (%v) <= high (%v) <= 1", opts.LowWatermark, opts.HighWatermark)
+	}
+	if opts.StallTimeout == 0 {
+		opts.StallTimeout = 30 * time.Second
+	}
+	if opts.FetchAttempts == 0 {
+		opts.FetchAttempts = 4
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return nil, fmt.Errorf("content store: %w", err)
+	}
+	s := &Store{
+		root:     root,
+		opts:     opts,
+		log:      opts.Logger,
+		entries:  make(map[digest.Digest]*entry),
+		lru:      list.New(),
+		fetching: make(map[digest.Digest]*ingestion),
+		metrics:  newMetrics(opts.Registerer),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if err := s.load(); err != nil {
+		return nil, err
+	}
+	s.metrics.observe(s.total, len(s.entries))
+	s.mu.Lock()
+	s.evictLocked()
+	s.mu.Unlock()
+	return s, nil
+}
+
+// Close stops the fetches under way and waits for them to end. Their readers get an error.
+func (s *Store) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}
+
+// Root is the directory the store lives in.
+func (s *Store) Root() string { return s.root }
+
+func (s *Store) ingestDir() string { return filepath.Join(s.root, "ingest") }
+
+// path is the only way a digest becomes a file name. Callers pass digests that were validated, and
+// Validate is checked again here so that no caller can get a path outside the store by mistake.
+func (s *Store) path(d digest.Digest) (string, error) {
+	if err := d.Validate(); err != nil {
+		return "", fmt.Errorf("%w: %q", err, d)
+	}
+	return filepath.Join(s.root, "blobs", d.Algorithm().String(), d.Encoded()), nil
+}
+
+func (s *Store) load() error {
+	// Temp files are only ever half-written blobs of a previous run: nothing refers to them.
+	if err := os.RemoveAll(s.ingestDir()); err != nil {
+		return fmt.Errorf("content store: clear %s: %w", s.ingestDir(), err)
+	}
+	if err := os.MkdirAll(s.ingestDir(), 0o700); err != nil {
+		return fmt.Errorf("content store: %w", err)
+	}
+	type found struct {
+		info  Info
+		mtime time.Time
+	}
+	var all []found
+	blobs := filepath.Join(s.root, "blobs")
+	for _, alg := range []digest.Algorithm{digest.SHA256, digest.SHA384, digest.SHA512} {
+		dir := filepath.Join(blobs, alg.String())
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("content store: %w", err)
+		}
+		des, err := os.ReadDir(dir)
+		if err != nil {
+			return fmt.Errorf("content store: read %s: %w", dir, err)
+		}
+		for _, de := range des {
+			d := digest.NewDigestFromEncoded(alg, de.Name())
+			fi, err := de.Info()
+			if err != nil || !fi.Mode().IsRegular() || d.Validate() != nil {
+				// Not ours: leave it, but never serve it.
+				s.log.Warn("ignoring unexpected file in content store", "path", filepath.Join(dir, de.Name()))
+				continue
+			}
+			all = append(all, found{Info{Digest: d, Size: fi.Size()}, fi.ModTime()})
+		}
+	}
+	// Oldest first, so that pushing each to the front leaves the most recent at the front.
+	sortByTime(all, func(f found) time.Time { return f.mtime })
+	for _, f := range all {
+		e := &entry{Info: f.info}
+		e.elem = s.lru.PushFront(e)
+		s.entries[f.info.Digest] = e
+		s.total += f.info.Size
+	}
+	return nil
+}
+
+// Stat returns the info of a blob the store holds, or ErrNotFound.
+func (s *Store) Stat(d digest.Digest) (Info, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.entries[d]
+	if !ok {
+		return Info{}, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	return e.Info, nil
+}
+
+// Open returns the blob as an open file, or ErrNotFound, and marks it used. The file stays readable
+// even if the blob is evicted while it is open.
+func (s *Store) Open(d digest.Digest) (*os.File, Info, error) {
+	p, err := s.path(d)
+	if err != nil {
+		return nil, Info{}, err
+	}
+	s.mu.Lock()
+	e, ok := s.entries[d]
+	if !ok {
+		s.mu.Unlock()
+		return nil, Info{}, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	s.lru.MoveToFront(e.elem)
+	info := e.Info
+	s.mu.Unlock()
+	f, err := os.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Removed behind our back: forget it rather than fail forever.
+		s.forget(d)
+		return nil, Info{}, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	if err != nil {
+		return nil, Info{}, fmt.Errorf("open %s: %w", d, err)
+	}
+	return f, info, nil
+}
+
+// ReadAll returns a small blob's bytes; it refuses blobs over max.
+func (s *Store) ReadAll(d digest.Digest, max int64) ([]byte, error) {
+	f, info, err := s.Open(d)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if info.Size > max {
+		return nil, fmt.Errorf("%s is %d bytes, over the limit of %d", d, info.Size, max)
+	}
+	b := make([]byte, info.Size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("read %s: %w", d, err)
+	}
+	return b, nil
+}
+
+// Put verifies data against d and stores it. Storing a blob the store already holds is a no-op.
+func (s *Store) Put(d digest.Digest, data []byte) error {
+	if _, err := s.Stat(d); err == nil {
+		return nil
+	}
+	if got := d.Algorithm().FromBytes(data); got != d {
+		s.metrics.verifyFailures.Inc()
+		return fmt.Errorf("put %s: got %s: %w", d, got, ErrDigestMismatch)
+	}
+	f, err := os.CreateTemp(s.ingestDir(), "put-")
+	if err != nil {
+		return fmt.Errorf("put %s: %w", d, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return fmt.Errorf("put %s: %w", d, err)
+	}
+	return s.commit(f, d, int64(len(data)))
+}
+
+// commit makes a verified temp file the blob d. It takes ownership of f.
+func (s *Store) commit(f *os.File, d digest.Digest, size int64) error {
+	tmp := f.Name()
+	err := f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("commit %s: %w", d, err)
+	}
+	p, err := s.path(d)
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	// Modification time is the last-use time the index is rebuilt from.
+	now := time.Now()
+	_ = os.Chtimes(tmp, now, now)
+	s.mu.Lock()
+	if _, ok := s.entries[d]; ok {
+		s.mu.Unlock()
+		os.Remove(tmp)
+		return nil
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		s.mu.Unlock()
+		os.Remove(tmp)
+		return fmt.Errorf("commit %s: %w", d, err)
+	}
+	syncDir(filepath.Dir(p))
+	e := &entry{Info: Info{Digest: d, Size: size}}
+	e.elem = s.lru.PushFront(e)
+	s.entries[d] = e
+	s.total += size
+	evicted := s.evictLocked()
+	total, n := s.total, len(s.entries)
+	s.mu.Unlock()
+
+	s.metrics.observe(total, n)
+	if s.opts.OnCommit != nil {
+		s.opts.OnCommit(d)
+	}
+	s.notifyRemoved(evicted)
+	return nil
+}
+
+// Delete removes a blob. Readers that have it open keep reading it.
+func (s *Store) Delete(d digest.Digest) error {
+	p, err := s.path(d)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	e, ok := s.entries[d]
+	if !ok {
+		s.mu.Unlock()
+		return fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	s.removeLocked(e)
+	total, n := s.total, len(s.entries)
+	s.mu.Unlock()
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("delete %s: %w", d, err)
+	}
+	s.metrics.observe(total, n)
+	s.notifyRemoved([]digest.Digest{d})
+	return nil
+}
+
+// Pin keeps a blob from eviction until as many Unpin calls; pins are not persisted.
+func (s *Store) Pin(d digest.Digest) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.entries[d]
+	if !ok {
+		return fmt.Errorf("pin %s: %w", d, ErrNotFound)
+	}
+	e.pins++
+	return nil
+}
+
+// Unpin undoes one Pin.
+func (s *Store) Unpin(d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e, ok := s.entries[d]; ok && e.pins > 0 {
+		e.pins--
+	}
+}
+
+// Walk calls fn for every blob in the store, most recently used first, on a snapshot of the index.
+func (s *Store) Walk(fn func(Info) error) error {
+	s.mu.Lock()
+	infos := make([]Info, 0, len(s.entries))
+	for el := s.lru.Front(); el != nil; el = el.Next() {
+		infos = append(infos, el.Value.(*entry).Info)
+	}
+	s.mu.Unlock()
+	for _, info := range infos {
+		if err := fn(info); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Size is the number of bytes the store holds.
+func (s *Store) Size() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
+}
+
+func (s *Store) forget(d digest.Digest) {
+	s.mu.Lock()
+	e, ok := s.entries[d]
+	if ok {
+		s.removeLocked(e)
+	}
+	s.mu.Unlock()
+	if ok {
+		s.notifyRemoved([]digest.Digest{d})
+	}
+}
+
+func (s *Store) removeLocked(e *entry) {
+	s.lru.Remove(e.elem)
+	delete(s.entries, e.Digest)
+	s.total -= e.Size
+}
+
+// evictLocked removes least recently used, unpinned blobs while the store is over its high watermark,
+// down to its low watermark, and returns what it removed.
+func (s *Store) evictLocked() []digest.Digest {
+	if s.opts.MaxBytes <= 0 || float64(s.total) <= s.opts.HighWatermark*float64(s.opts.MaxBytes) {
+		return nil
+	}
+	low := int64(s.opts.LowWatermark * float64(s.opts.MaxBytes))
+	var removed []digest.Digest
+	for el := s.lru.Back(); el != nil && s.total > low; {
+		e := el.Value.(*entry)
+		el = el.Prev()
+		if e.pins > 0 {
+			continue
+		}
+		p, _ := s.path(e.Digest)
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Error("evict blob", "digest", e.Digest, "err", err)
+			continue
+		}
+		s.removeLocked(e)
+		removed = append(removed, e.Digest)
+		s.metrics.evictions.Inc()
+		s.metrics.evictedBytes.Add(float64(e.Size))
+	}
+	if len(removed) > 0 {
+		s.log.Info("evicted blobs", "count", len(removed), "sizeBytes", s.total, "maxBytes", s.opts.MaxBytes)
+	}
+	return removed
+}
+
+func (s *Store) notifyRemoved(ds []digest.Digest) {
+	if s.opts.OnRemove == nil {
+		return
+	}
+	for _, d := range ds {
+		s.opts.OnRemove(d)
+	}
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+}

@@ -1,0 +1,106 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
+	d, err := parseDigest(req.ref)
+	if err != nil {
+		m.writeError(w, 0, err)
+		return
+	}
+	obj := source.Object{Repo: req.repo, Kind: source.KindBlob, Digest: d}
+	if r.Method == http.MethodHead {
+		m.headBlob(w, r, obj)
+		return
+	}
+	rd, err := m.store.Fetch(r.Context(), d, m.fetchFunc(obj))
+	if err != nil {
+		m.fail(w, err, errcode.ErrorCodeBlobUnknown)
+		return
+	}
+	defer rd.Close()
+	w.source = rd.Source()
+	writeBlobHeaders(w, d)
+	if f := rd.File(); f != nil {
+		// A complete blob: ServeContent does Range and conditional requests, and the file goes out
+		// through sendfile.
+		http.ServeContent(w, r, "", time.Time{}, f)
+		return
+	}
+	// A blob still arriving: the reader waits for bytes, and fails, rather than end, if the blob turns
+	// out not to match its digest. Then the connection is cut, so that the client sees a short body
+	// and never a complete, corrupt blob.
+	body := &failingReader{ReadSeeker: io.NewSectionReader(rd, 0, rd.Size())}
+	http.ServeContent(w, r, "", time.Time{}, body)
+	if body.err != nil {
+		m.log.Warn("blob transfer aborted", "digest", d, "repo", req.repo.Name(), "err", body.err)
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func (m *Mirror) headBlob(w *responseWriter, r *http.Request, obj source.Object) {
+	size := int64(-1)
+	if info, err := m.store.Stat(obj.Digest); err == nil {
+		size, w.source = info.Size, "local"
+	} else if src, sz, ok := m.store.Fetching(obj.Digest); ok && sz >= 0 {
+		size, w.source = sz, src
+	} else {
+		// Asking is enough for HEAD: nothing is fetched until a client wants the bytes.
+		desc, err := m.source.Stat(r.Context(), obj)
+		if err != nil {
+			m.fail(w, err, errcode.ErrorCodeBlobUnknown)
+			return
+		}
+		size, w.source = desc.Size, "upstream"
+	}
+	writeBlobHeaders(w, obj.Digest)
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	w.WriteHeader(http.StatusOK)
+}
+
+func writeBlobHeaders(w http.ResponseWriter, d digest.Digest) {
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Cache-Control", "max-age=31536000")
+}
+
+// fetchFunc opens the blob on the source chain, from whatever offset the store has reached.
+func (m *Mirror) fetchFunc(obj source.Object) content.FetchFunc {
+	return func(ctx context.Context, offset int64) (*content.Fetched, error) {
+		c, err := m.source.Open(ctx, obj, offset)
+		if err != nil {
+			return nil, err
+		}
+		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source}, nil
+	}
+}
+
+// failingReader remembers the error that ended a read, which ServeContent does not report.
+type failingReader struct {
+	io.ReadSeeker
+	err error
+}
+
+func (r *failingReader) Read(p []byte) (int, error) {
+	n, err := r.ReadSeeker.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) {
+		r.err = err
+	}
+	return n, err
+}

@@ -1,0 +1,283 @@
+// Package mirror serves the OCI distribution pull API for a node: containerd (through hosts.toml),
+// docker, crane and skopeo pull through it. It answers from the content store, and fetches what the store
+// lacks from its source chain, once per digest, streaming to every waiting client as bytes arrive.
+//
+// The mirror is pull-only. Tags are resolved through the chain's trusted sources and cached for a short
+// TTL; when those sources are unavailable, the last answer is served, and a log line says so.
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+// Options configure a Mirror.
+type Options struct {
+	Store  *content.Store
+	Source source.Source
+	// DefaultRegistry is the registry of requests that name none (no ns parameter): what
+	// `docker pull localhost:5000/alpine` means. Default docker.io.
+	DefaultRegistry string
+	// Registries, if not empty, are the only registries the mirror pulls from.
+	Registries []string
+	// TagTTL is how long a tag's answer is used without asking again. Default 30s.
+	TagTTL time.Duration
+	// TagDir keeps tag answers across restarts, so that a restarted agent still serves while the
+	// upstream is down. Empty keeps them in memory only.
+	TagDir     string
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// Mirror is an http.Handler for the /v2/ pull API.
+type Mirror struct {
+	opts    Options
+	store   *content.Store
+	source  source.Source
+	tags    *tagCache
+	log     *slog.Logger
+	metrics *metrics
+
+	manifests singleflight.Group
+	resolves  singleflight.Group
+}
+
+// New returns a Mirror.
+func New(opts Options) (*Mirror, error) {
+	if opts.Store == nil || opts.Source == nil {
+		return nil, errors.New("mirror: a store and a source are required")
+	}
+	if opts.DefaultRegistry == "" {
+		opts.DefaultRegistry = "docker.io"
+	}
+	if opts.TagTTL == 0 {
+		opts.TagTTL = 30 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	tags, err := newTagCache(opts.TagDir)
+	if err != nil {
+		return nil, err
+	}
+	return &Mirror{
+		opts:    opts,
+		store:   opts.Store,
+		source:  opts.Source,
+		tags:    tags,
+		log:     opts.Logger,
+		metrics: newMetrics(opts.Registerer),
+	}, nil
+}
+
+// request is one parsed API request.
+type request struct {
+	repo reference.Named
+	kind string // "manifests", "blobs"
+	ref  string
+}
+
+func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	rw := &responseWriter{ResponseWriter: w, source: "none"}
+	kind := "other"
+	defer func() {
+		m.metrics.observe(kind, r.Method, rw.status(), rw.source, rw.bytes, time.Since(start))
+	}()
+	rw.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+
+	path := r.URL.Path
+	if path == "/v2" || path == "/v2/" {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			m.writeError(rw, 0, errcode.ErrorCodeUnsupported.WithMessage("the mirror is pull-only"))
+			return
+		}
+		rw.Header().Set("Content-Type", "application/json")
+		rw.Header().Set("Content-Length", "2")
+		rw.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			io.WriteString(rw, "{}")
+		}
+		return
+	}
+	if !strings.HasPrefix(path, "/v2/") {
+		http.NotFound(rw, r)
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		rw.Header().Set("Allow", "GET, HEAD")
+		m.writeError(rw, http.StatusMethodNotAllowed, errcode.ErrorCodeUnsupported.WithMessage(
+			"the mirror is pull-only: push to the upstream registry or to an imagemesh gateway"))
+		return
+	}
+	req, err := m.parse(r)
+	if err != nil {
+		m.writeError(rw, 0, err)
+		return
+	}
+	kind = strings.TrimSuffix(req.kind, "s")
+	switch req.kind {
+	case "manifests":
+		m.serveManifest(rw, r, req)
+	case "blobs":
+		m.serveBlob(rw, r, req)
+	}
+}
+
+// parse turns /v2/<name>/(manifests|blobs)/<reference>?ns=<registry> into a request, or an API error.
+// Only names that pass the reference grammar get through; they never become file paths.
+func (m *Mirror) parse(r *http.Request) (*request, error) {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v2/"), "/")
+	n := len(parts)
+	switch {
+	case n >= 3 && parts[n-2] == "blobs" && parts[n-1] == "uploads",
+		n >= 4 && parts[n-3] == "blobs" && parts[n-2] == "uploads":
+		return nil, errcode.ErrorCodeUnsupported.WithMessage("the mirror is pull-only: uploads are not accepted")
+	case n >= 3 && (parts[n-2] == "manifests" || parts[n-2] == "blobs"):
+	case n >= 3 && parts[n-2] == "tags" && parts[n-1] == "list",
+		n >= 3 && parts[n-2] == "referrers":
+		return nil, errcode.ErrorCodeUnsupported.WithMessage("the mirror serves manifests and blobs only; ask the registry")
+	default:
+		return nil, errcode.ErrorCodeNameUnknown.WithMessage("unknown API path")
+	}
+	name, kind, ref := strings.Join(parts[:n-2], "/"), parts[n-2], parts[n-1]
+
+	host := r.URL.Query().Get("ns")
+	if host == "" {
+		host = m.opts.DefaultRegistry
+	}
+	repo, err := reference.ParseNormalizedNamed(host + "/" + name)
+	if err != nil || !reference.IsNameOnly(repo) || reference.Domain(repo) != normalizeHost(host) {
+		return nil, errcode.ErrorCodeNameInvalid.WithMessage(fmt.Sprintf("invalid repository %q in registry %q", name, host))
+	}
+	if len(m.opts.Registries) > 0 && !slices.Contains(m.opts.Registries, reference.Domain(repo)) {
+		return nil, errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
+	}
+	if ref == "" {
+		return nil, errcode.ErrorCodeNameUnknown.WithMessage("empty reference")
+	}
+	return &request{repo: repo, kind: kind, ref: ref}, nil
+}
+
+// normalizeHost is what the reference grammar makes of a registry host (index.docker.io is docker.io).
+func normalizeHost(host string) string {
+	if host == "index.docker.io" || host == "registry-1.docker.io" {
+		return "docker.io"
+	}
+	return host
+}
+
+func parseDigest(ref string) (digest.Digest, error) {
+	d, err := digest.Parse(ref)
+	if err != nil {
+		return "", errcode.ErrorCodeDigestInvalid.WithMessage(fmt.Sprintf("invalid digest %q: %v", ref, err))
+	}
+	return d, nil
+}
+
+// fail answers with the API error for an error from the store or the sources; unknown is the code for
+// content that is not there.
+func (m *Mirror) fail(w http.ResponseWriter, err error, unknown errcode.ErrorCode) {
+	status, apiErr := errorFor(err, unknown)
+	m.writeError(w, status, apiErr)
+}
+
+func errorFor(err error, unknown errcode.ErrorCode) (int, error) {
+	var apiErr errcode.Error
+	switch {
+	case errors.As(err, &apiErr):
+		return 0, apiErr
+	case errors.Is(err, source.ErrNotFound), errors.Is(err, content.ErrNotFound):
+		return 0, unknown.WithMessage(err.Error())
+	case errors.Is(err, content.ErrDigestMismatch), errors.Is(err, content.ErrSizeMismatch):
+		return http.StatusBadGateway, errcode.ErrorCodeDigestInvalid.WithMessage(err.Error())
+	case errors.Is(err, source.ErrUnavailable):
+		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
+	}
+	return http.StatusBadGateway, errcode.ErrorCodeUnknown.WithMessage(err.Error())
+}
+
+// writeError writes the OCI error JSON; status 0 means the code's own status.
+func (m *Mirror) writeError(w http.ResponseWriter, status int, err error) {
+	var e errcode.Error
+	if !errors.As(err, &e) {
+		e = errcode.ErrorCodeUnknown.WithMessage(err.Error())
+	}
+	if status == 0 {
+		status = e.Code.Descriptor().HTTPStatusCode
+	}
+	body, merr := errcode.Errors{e}.MarshalJSON()
+	if merr != nil {
+		body = []byte(`{"errors":[{"code":"UNKNOWN"}]}`)
+	}
+	h := w.Header()
+	for _, k := range []string{"Docker-Content-Digest", "Etag", "Content-Range", "Accept-Ranges", "Cache-Control"} {
+		h.Del(k)
+	}
+	h.Set("Content-Type", "application/json; charset=utf-8")
+	h.Set("Content-Length", fmt.Sprint(len(body)))
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+// responseWriter records what was answered, for metrics. It forwards ReadFrom so that a file served
+// from the store still goes out through sendfile.
+type responseWriter struct {
+	http.ResponseWriter
+	code   int
+	bytes  int64
+	source string
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(p []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	w.bytes += int64(n)
+	return n, err
+}
+
+func (w *responseWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	n, err := w.ResponseWriter.(io.ReaderFrom).ReadFrom(r)
+	w.bytes += n
+	return n, err
+}
+
+func (w *responseWriter) status() int {
+	if w.code == 0 {
+		return http.StatusOK
+	}
+	return w.code
+}
+
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -1,0 +1,90 @@
+package source
+
+import (
+	"context"
+	"errors"
+
+	"github.com/distribution/reference"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// Link is one source in a Chain.
+type Link struct {
+	Source Source
+	// ResolveTags lets this source answer tag lookups. Digests verify themselves, tags do not: only
+	// sources trusted for the registry (its upstream, an ImageSource's own bucket or root) should.
+	ResolveTags bool
+}
+
+// Chain asks its sources in order and returns the first answer. It is itself a Source.
+type Chain struct {
+	links []Link
+}
+
+// NewChain returns a chain of the given links, asked in that order.
+func NewChain(links ...Link) *Chain { return &Chain{links: links} }
+
+func (c *Chain) Name() string { return "chain" }
+
+// Resolve asks the sources trusted with tags. It returns ErrNotFound only if every one of them said
+// not found; if any failed otherwise, the caller learns that the answer is unknown, not negative.
+func (c *Chain) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
+	var errs []error
+	for _, l := range c.links {
+		if !l.ResolveTags {
+			continue
+		}
+		desc, err := l.Source.Resolve(ctx, repo, tag)
+		if err == nil {
+			return desc, nil
+		}
+		errs = append(errs, err)
+	}
+	return ocispec.Descriptor{}, joinErrors(errs)
+}
+
+func (c *Chain) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
+	var errs []error
+	for _, l := range c.links {
+		desc, err := l.Source.Stat(ctx, obj)
+		if err == nil {
+			return desc, nil
+		}
+		errs = append(errs, err)
+	}
+	return ocispec.Descriptor{}, joinErrors(errs)
+}
+
+func (c *Chain) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
+	var errs []error
+	for _, l := range c.links {
+		content, err := l.Source.Open(ctx, obj, offset)
+		if err == nil {
+			if content.Source == "" {
+				content.Source = l.Source.Name()
+			}
+			return content, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, joinErrors(errs)
+}
+
+// joinErrors keeps ErrNotFound visible only when it is the whole truth.
+func joinErrors(errs []error) error {
+	if len(errs) == 0 {
+		return ErrNotFound
+	}
+	for _, err := range errs {
+		if !errors.Is(err, ErrNotFound) {
+			var others []error
+			for _, e := range errs {
+				if !errors.Is(e, ErrNotFound) {
+					others = append(others, e)
+				}
+			}
+			return errors.Join(others...)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,76 @@
+// Package source defines where the node agent gets content it does not hold: the upstream registry here,
+// peers, Storj and IPFS elsewhere. Every implementation answers the same three questions, so the mirror
+// can put them in any order and one test suite (sourcetest) can hold each of them to the same contract.
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// ErrNotFound means the source is sure it does not have what was asked for; the next source may.
+var ErrNotFound = errors.New("not found")
+
+// Kind says whether a digest names a manifest or a blob: registries serve them under different paths.
+type Kind uint8
+
+const (
+	KindBlob Kind = iota
+	KindManifest
+)
+
+func (k Kind) String() string {
+	if k == KindManifest {
+		return "manifest"
+	}
+	return "blob"
+}
+
+// Object names content by digest within a repository.
+type Object struct {
+	Repo   reference.Named // fully qualified: registry host and path
+	Kind   Kind
+	Digest digest.Digest
+}
+
+func (o Object) String() string { return fmt.Sprintf("%s@%s", o.Repo.Name(), o.Digest) }
+
+// Content is an open object, read from an offset.
+type Content struct {
+	io.ReadCloser
+	// Descriptor describes the whole object: Size is its full size whatever the offset, MediaType is set
+	// for manifests.
+	Descriptor ocispec.Descriptor
+	// Source names the source that answered; a Chain fills it in.
+	Source string
+}
+
+// A Source can answer for content the node does not hold.
+type Source interface {
+	// Name labels the source in metrics and logs.
+	Name() string
+	// Resolve returns the descriptor a tag points at, or ErrNotFound.
+	Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error)
+	// Stat returns an object's descriptor without its content, or ErrNotFound.
+	Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error)
+	// Open returns the object's bytes from offset on, or ErrNotFound. The bytes are not verified:
+	// the content store verifies everything before it keeps or finishes serving it.
+	Open(ctx context.Context, obj Object, offset int64) (*Content, error)
+}
+
+// Error wraps a failure with the source it came from.
+type Error struct {
+	Source string
+	Op     string
+	Target string
+	Err    error
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("%s %s from %s: %v", e.Op, e.Target, e.Source, e.Err) }
+func (e *Error) Unwrap() error { return e.Err }
