@@ -10,24 +10,41 @@ cache=${IMAGEMESH_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagemesh/tools}
 bin="$cache/bin"
 mkdir -p "$bin"
 
-# name | package | extra build flags
+# name -> packages; a tool with several packages builds each into the same directory.
 declare -A pkg=(
   [registry]=github.com/distribution/distribution/v3/cmd/registry
   [crane]=github.com/google/go-containerregistry/cmd/crane
+  [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"
+)
+# Extra go build flags per tool.
+declare -A flags=(
+  [containerd2]='-tags=no_btrfs,no_devmapper,no_zfs'
+)
+# Names the binaries get in the bin dir, so that containerd 2.x does not shadow Debian's 1.6.
+declare -A alias=(
+  [containerd2/containerd]=containerd2
+  [containerd2/ctr]=ctr2
 )
 
 build() {
   local name=$1 mod="$here/$1"
   [ -n "${pkg[$name]:-}" ] || { echo "build.sh: unknown tool $name" >&2; exit 2; }
-  # The version key is the hash of the scratch module's go.sum: a bump rebuilds, nothing else does.
+  # The version key is the hash of the scratch module's go.mod and go.sum: a bump rebuilds, nothing else does.
   local key; key=$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -c1-12)
-  local out="$cache/$name-$key/$name"
-  if [ ! -x "$out" ]; then
-    echo "build.sh: building $name (${pkg[$name]}) into $out" >&2
-    mkdir -p "$(dirname "$out")"
-    (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$out.tmp" "${pkg[$name]}") && mv "$out.tmp" "$out"
+  local dir="$cache/$name-$key"
+  if [ ! -f "$dir/.complete" ]; then
+    echo "build.sh: building $name into $dir" >&2
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    # shellcheck disable=SC2086
+    (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -o "$dir.tmp/" ${pkg[$name]})
+    touch "$dir.tmp/.complete"
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi
-  ln -sfn "$out" "$bin/$name"
+  local p b
+  for p in ${pkg[$name]}; do
+    b=$(basename "$p")
+    ln -sfn "$dir/$b" "$bin/${alias[$name/$b]:-$b}"
+  done
 }
 
 for t in "$@"; do build "$t"; done

@@ -25,6 +25,9 @@ const (
 	mediaTypeDockerList     = "application/vnd.docker.distribution.manifest.list.v2+json"
 )
 
+// errBadManifest is a manifest a source should not have sent; the client asked nothing wrong.
+var errBadManifest = errors.New("invalid manifest from source")
+
 // fetchTimeout bounds work that a request shares with others (a tag lookup, a manifest fetch): it must
 // not end when the first requester goes away, nor run forever.
 const fetchTimeout = 2 * time.Minute
@@ -176,16 +179,16 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 		}
 		defer c.Close()
 		if c.Descriptor.Size > source.MaxManifestSize {
-			return nil, errcode.ErrorCodeManifestInvalid.WithMessage(fmt.Sprintf(
-				"manifest %s from %s is %d bytes, over the %d byte limit", d, c.Source, c.Descriptor.Size, source.MaxManifestSize))
+			return nil, fmt.Errorf("%w: manifest %s from %s is %d bytes, over the %d byte limit",
+				errBadManifest, d, c.Source, c.Descriptor.Size, source.MaxManifestSize)
 		}
 		body, err := io.ReadAll(io.LimitReader(c, source.MaxManifestSize+1))
 		if err != nil {
 			return nil, fmt.Errorf("%w: read manifest %s from %s: %w", source.ErrUnavailable, d, c.Source, err)
 		}
 		if len(body) > source.MaxManifestSize {
-			return nil, errcode.ErrorCodeManifestInvalid.WithMessage(fmt.Sprintf(
-				"manifest %s from %s is over the %d byte limit", d, c.Source, source.MaxManifestSize))
+			return nil, fmt.Errorf("%w: manifest %s from %s is over the %d byte limit",
+				errBadManifest, d, c.Source, source.MaxManifestSize)
 		}
 		if err := m.store.Put(d, body); err != nil {
 			return nil, fmt.Errorf("manifest from %s: %w", c.Source, err)

@@ -205,6 +205,8 @@ func errorFor(err error, unknown errcode.ErrorCode) (int, error) {
 		return 0, apiErr
 	case errors.Is(err, source.ErrNotFound), errors.Is(err, content.ErrNotFound):
 		return 0, unknown.WithMessage(err.Error())
+	case errors.Is(err, errBadManifest):
+		return http.StatusBadGateway, errcode.ErrorCodeManifestInvalid.WithMessage(err.Error())
 	case errors.Is(err, content.ErrDigestMismatch), errors.Is(err, content.ErrSizeMismatch):
 		return http.StatusBadGateway, errcode.ErrorCodeDigestInvalid.WithMessage(err.Error())
 	case errors.Is(err, source.ErrUnavailable):

@@ -191,7 +191,9 @@ func (r *Registry) Open(ctx context.Context, obj Object, offset int64) (*Content
 		}
 		desc.Size = total
 	default:
-		if resp.ContentLength < 0 {
+		// A manifest is read whole and capped by the reader; a blob's size is what every waiting
+		// client is told up front, so it must be known.
+		if resp.ContentLength < 0 && obj.Kind != KindManifest {
 			resp.Body.Close()
 			return nil, r.wrap("open", obj.String(), errors.New("no Content-Length in the answer"))
 		}

@@ -44,8 +44,8 @@ func (o Object) String() string { return fmt.Sprintf("%s@%s", o.Repo.Name(), o.D
 // Content is an open object, read from an offset.
 type Content struct {
 	io.ReadCloser
-	// Descriptor describes the whole object: Size is its full size whatever the offset, MediaType is set
-	// for manifests.
+	// Descriptor describes the whole object: Size is its full size whatever the offset (-1 for a
+	// manifest of unknown length), MediaType is set for manifests.
 	Descriptor ocispec.Descriptor
 	// Source names the source that answered; a Chain fills it in.
 	Source string

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the benchmarks: each measures the agent and its reference side by side in one run and reports
+# the ratio (see test/e2e/bench_test.go). Output: go test's benchmark lines, benchstat-compatible.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export IMAGEMESH_TOOLS=${IMAGEMESH_TOOLS:-$(hack/test-deps.sh)}
+exec go test ./test/e2e -run '^$' -bench "${BENCH:-.}" -benchtime 1x -timeout 30m "$@"

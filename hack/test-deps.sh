@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the tests need and prints the directory of the built tools:
+#   - Debian packages: containerd (1.6), runc, skopeo, iproute2
+#   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
+#     registry, crane, containerd 2.x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "test-deps: installing ${missing[*]}" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+tools=(registry crane)
+[ -d hack/tools/containerd2 ] && tools+=(containerd2)
+hack/tools/build.sh "${tools[@]}"

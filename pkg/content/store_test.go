@@ -1,0 +1,275 @@
+package content
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func randomBlob(t testing.TB, n int) ([]byte, digest.Digest) {
+	t.Helper()
+	b := make([]byte, n)
+	rand.Read(b)
+	return b, digest.FromBytes(b)
+}
+
+func openStore(t testing.TB, root string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(root, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestPutVerifiesAndSurvivesReopen(t *testing.T) {
+	root := t.TempDir()
+	s := openStore(t, root, Options{})
+	data, d := randomBlob(t, 1000)
+	if err := s.Put(d, append([]byte{}, data[:999]...)); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Put of wrong bytes: %v, want ErrDigestMismatch", err)
+	}
+	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("wrong bytes were kept: %v", err)
+	}
+	if err := s.Put(d, data); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	// A leftover temp file from a crash must be cleared, and never become a blob.
+	os.WriteFile(filepath.Join(root, "ingest", "fetch-123"), data[:10], 0o600)
+	s2 := openStore(t, root, Options{})
+	got, err := s2.ReadAll(d, 1<<20)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("after reopen: %v", err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(root, "ingest")); len(left) != 0 {
+		t.Fatalf("ingest dir not cleared: %v", left)
+	}
+}
+
+func TestPathRejectsInvalidDigests(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	for _, d := range []digest.Digest{"sha256:../../etc/passwd", "sha256:" + "AB", "md5:abc", "../x"} {
+		if _, _, err := s.Open(d); err == nil {
+			t.Errorf("Open(%q) succeeded", d)
+		}
+		if _, err := s.Fetch(context.Background(), d, nil); err == nil {
+			t.Errorf("Fetch(%q) succeeded", d)
+		}
+	}
+}
+
+func TestEvictionLRUWatermarksAndPins(t *testing.T) {
+	var removed []digest.Digest
+	s := openStore(t, t.TempDir(), Options{MaxBytes: 10_000, HighWatermark: 0.9, LowWatermark: 0.5,
+		OnRemove: func(d digest.Digest) { removed = append(removed, d) }})
+	var ds []digest.Digest
+	for i := 0; i < 4; i++ {
+		b, d := randomBlob(t, 2000)
+		if err := s.Put(d, b); err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	// Use the oldest, pin the second: the third is then the least recently used, unpinned blob.
+	if f, _, err := s.Open(ds[0]); err == nil {
+		f.Close()
+	}
+	if err := s.Pin(ds[1]); err != nil {
+		t.Fatal(err)
+	}
+	b, d := randomBlob(t, 2000) // 10000 > 9000: evict down to 5000
+	if err := s.Put(d, b); err != nil {
+		t.Fatal(err)
+	}
+	if s.Size() > 5000 {
+		t.Fatalf("size %d after eviction, want <= 5000", s.Size())
+	}
+	for _, keep := range []digest.Digest{ds[1], d} {
+		if _, err := s.Stat(keep); err != nil {
+			t.Errorf("%s evicted: pinned or newest", keep)
+		}
+	}
+	if len(removed) != 3 || removed[0] != ds[2] {
+		t.Errorf("removed %v, want 3 starting with the least recently used %s", removed, ds[2])
+	}
+}
+
+// script is a FetchFunc that serves data, counts calls, and can misbehave on cue.
+type script struct {
+	data    []byte
+	calls   atomic.Int32
+	gate    chan struct{} // if set, the body blocks before its last 1000 bytes until closed
+	breakAt int64         // if > 0, the first attempt ends with an error at this offset
+	corrupt bool
+}
+
+func (s *script) fetch(ctx context.Context, off int64) (*Fetched, error) {
+	n := s.calls.Add(1)
+	data := s.data
+	if s.corrupt {
+		data = append([]byte{}, data...)
+		data[len(data)/2] ^= 0xff
+	}
+	var r io.Reader = bytes.NewReader(data[off:])
+	if n == 1 && s.breakAt > off {
+		r = io.MultiReader(bytes.NewReader(data[off:s.breakAt]), errReader{io.ErrUnexpectedEOF})
+	}
+	if s.gate != nil {
+		cut := int64(len(data)) - 1000
+		r = io.MultiReader(bytes.NewReader(data[off:cut]), gated{s.gate}, bytes.NewReader(data[cut:]))
+	}
+	return &Fetched{Body: io.NopCloser(r), Size: int64(len(s.data)), Source: "test"}, nil
+}
+
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }
+
+type gated struct{ c chan struct{} }
+
+func (g gated) Read([]byte) (int, error) { <-g.c; return 0, io.EOF }
+
+func TestFetchIsSharedAndStreams(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 3<<20)
+	sc := &script{data: data, gate: make(chan struct{})}
+
+	const clients = 50
+	var wg sync.WaitGroup
+	results := make([][]byte, clients)
+	errs := make([]error, clients)
+	streaming := make(chan struct{}, clients)
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			r, err := s.Fetch(context.Background(), d, sc.fetch)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer r.Close()
+			// Every client has its first bytes while the fetch is still held at the gate.
+			first := make([]byte, 1024)
+			if _, err := r.ReadAt(first, 0); err != nil {
+				errs[i] = err
+				return
+			}
+			streaming <- struct{}{}
+			results[i], errs[i] = io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+		}(i)
+	}
+	for i := 0; i < clients; i++ {
+		select {
+		case <-streaming:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("only %d clients got bytes before the fetch finished", i)
+		}
+	}
+	close(sc.gate)
+	wg.Wait()
+	for i := range results {
+		if errs[i] != nil || !bytes.Equal(results[i], data) {
+			t.Fatalf("client %d: err %v, %d bytes", i, errs[i], len(results[i]))
+		}
+	}
+	if n := sc.calls.Load(); n != 1 {
+		t.Fatalf("%d fetches for %d concurrent readers, want 1", n, clients)
+	}
+	if _, err := s.Stat(d); err != nil {
+		t.Fatalf("blob not committed: %v", err)
+	}
+}
+
+func TestFetchWithholdsLastByteAndDropsCorruptBlob(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 1<<20)
+	sc := &script{data: data, corrupt: true}
+	r, err := s.Fetch(context.Background(), d, sc.fetch)
+	var got []byte
+	if err == nil {
+		defer r.Close()
+		got, err = io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	}
+	if !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("read of corrupt blob: %v, want ErrDigestMismatch", err)
+	}
+	if len(got) >= len(data) {
+		t.Fatalf("reader got %d of %d bytes of a corrupt blob", len(got), len(data))
+	}
+	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("corrupt blob kept: %v", err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(s.Root(), "ingest")); len(left) != 0 {
+		t.Fatalf("temp file of corrupt blob left: %v", left)
+	}
+}
+
+func TestFetchResumesAtOffset(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 1<<20)
+	sc := &script{data: data, breakAt: 300_000}
+	r, err := s.Fetch(context.Background(), d, sc.fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	got, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("resumed read: %v", err)
+	}
+	if n := sc.calls.Load(); n != 2 {
+		t.Fatalf("%d attempts, want 2 (one broken, one resumed)", n)
+	}
+}
+
+func TestFetchReportsSourceErrors(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	_, d := randomBlob(t, 10)
+	want := errors.New("upstream says no")
+	_, err := s.Fetch(context.Background(), d, func(context.Context, int64) (*Fetched, error) { return nil, want })
+	if !errors.Is(err, want) {
+		t.Fatalf("Fetch: %v, want %v", err, want)
+	}
+	// The failed fetch is over: the next one starts afresh.
+	data, d2 := randomBlob(t, 10)
+	r, err := s.Fetch(context.Background(), d2, (&script{data: data}).fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+}
+
+func TestFetchRejectsOversizedBody(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 1000)
+	r, err := s.Fetch(context.Background(), d, func(context.Context, int64) (*Fetched, error) {
+		// The blob's bytes, then more than the source announced.
+		return &Fetched{Body: io.NopCloser(bytes.NewReader(append(data, 1, 2, 3))), Size: 1000, Source: "liar"}, nil
+	})
+	// The error reaches the reader, or Fetch itself if the fetch ended before the reader joined.
+	if err == nil {
+		defer r.Close()
+		_, err = io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	}
+	if !errors.Is(err, ErrSizeMismatch) {
+		t.Fatalf("got %v, want ErrSizeMismatch", err)
+	}
+	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("blob from a source that sent too much was kept: %v", err)
+	}
+}

@@ -1,0 +1,186 @@
+// Package e2e runs the node-agent binary against real components: the distribution registry as
+// upstream and containerd (1.6 from Debian, 2.x built from its module) pulling through it.
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var agentBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "imagemesh-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	agentBin = filepath.Join(dir, "node-agent")
+	build := exec.Command("go", "build", "-o", agentBin, "github.com/imagemesh/imagemesh/cmd/node-agent")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build node-agent:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// agent is a node-agent process.
+type agent struct {
+	t       testing.TB
+	args    []string
+	Addr    string
+	URL     string
+	DataDir string
+	log     string
+	cmd     *exec.Cmd
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startAgent starts node-agent with args on a free port and a fresh data dir, and waits until ready.
+func startAgent(t testing.TB, args ...string) *agent {
+	t.Helper()
+	a := &agent{t: t, args: args, Addr: freeAddr(t), DataDir: t.TempDir()}
+	a.URL = "http://" + a.Addr
+	a.log = filepath.Join(t.TempDir(), "agent.log")
+	a.Start()
+	t.Cleanup(func() {
+		a.Stop()
+		if t.Failed() {
+			b, _ := os.ReadFile(a.log)
+			t.Logf("node-agent log:\n%s", b)
+		}
+	})
+	return a
+}
+
+// Start (re)starts the process on the same address and data dir.
+func (a *agent) Start() {
+	a.t.Helper()
+	logf, err := os.OpenFile(a.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	args := append([]string{"--listen", a.Addr, "--data-dir", a.DataDir, "--log-level", "debug"}, a.args...)
+	a.cmd = exec.Command(agentBin, args...)
+	a.cmd.Stdout, a.cmd.Stderr = logf, logf
+	if err := a.cmd.Start(); err != nil {
+		a.t.Fatal(err)
+	}
+	logf.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(a.URL + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(a.log)
+	a.t.Fatalf("node-agent not ready on %s:\n%s", a.Addr, b)
+}
+
+// Stop sends SIGTERM and waits for a graceful exit.
+func (a *agent) Stop() {
+	if a.cmd == nil || a.cmd.Process == nil {
+		return
+	}
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- a.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			a.t.Errorf("node-agent did not exit cleanly on SIGTERM: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		a.cmd.Process.Kill()
+		<-done
+		a.t.Errorf("node-agent did not exit within 30s of SIGTERM")
+	}
+	a.cmd = nil
+}
+
+// Kill sends SIGKILL: no chance to clean up.
+func (a *agent) Kill() {
+	a.cmd.Process.Kill()
+	a.cmd.Wait()
+	a.cmd = nil
+}
+
+// Metric returns the sum of the samples of a metric whose labels contain every given name="value".
+func (a *agent) Metric(name string, labels ...string) float64 {
+	a.t.Helper()
+	resp, err := http.Get(a.URL + "/metrics")
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			ok = ok && strings.Contains(line, l)
+		}
+		if !ok {
+			continue
+		}
+		var v float64
+		fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%g", &v)
+		sum += v
+	}
+	return sum
+}
+
+// Logs returns what the agent has logged so far.
+func (a *agent) Logs() string {
+	b, _ := os.ReadFile(a.log)
+	return string(b)
+}
+
+func get(t testing.TB, url string) (int, []byte, error) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
+}
+
+func ctx(t testing.TB) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	t.Cleanup(cancel)
+	return c
+}
