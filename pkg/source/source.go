@@ -72,5 +72,7 @@ type Error struct {
 	Err    error
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("%s %s from %s: %v", e.Op, e.Target, e.Source, e.Err) }
+func (e *Error) Error() string {
+	return fmt.Sprintf("%s %s from %s: %v", e.Op, e.Target, e.Source, e.Err)
+}
 func (e *Error) Unwrap() error { return e.Err }
