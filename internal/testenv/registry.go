@@ -4,27 +4,26 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 )
 
-// Registry is a real distribution v3 registry on 127.0.0.1, storing into a temp dir.
+// Registry is a real distribution v3 registry on 127.0.0.1, storing into a temp dir. It speaks
+// plain HTTP, as containerd's hosts.toml `server = "http://..."` and crane's --insecure expect.
 type Registry struct {
 	// Host is "127.0.0.1:port", as an image reference names the registry.
 	Host string
 	// URL is "http://127.0.0.1:port".
 	URL string
-	// Dir is the registry's storage root.
+	// Dir is the registry's storage root; it survives Stop, so that Start serves the same images.
 	Dir string
 
 	bin, config, log string
-	cmd              *exec.Cmd
+	proc             *process
 }
 
-// StartRegistry starts a registry and stops it when the test ends.
+// StartRegistry starts a registry, waits until GET /v2/ answers, and stops it when the test ends.
 func StartRegistry(t testing.TB) *Registry {
 	t.Helper()
 	dir := t.TempDir()
@@ -36,8 +35,9 @@ func StartRegistry(t testing.TB) *Registry {
 		log:    filepath.Join(dir, "registry.log"),
 	}
 	r.URL = "http://" + r.Host
+	// Access logs at info level: a failing test shows which requests reached upstream.
 	config := fmt.Sprintf(`version: 0.1
-log: {level: warn, formatter: text}
+log: {level: info, formatter: text, accesslog: {disabled: false}}
 storage:
   filesystem: {rootdirectory: %s}
   delete: {enabled: true}
@@ -47,26 +47,30 @@ http:
 	if err := os.WriteFile(r.config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		r.Stop(t)
+		if t.Failed() {
+			t.Logf("registry %s log (end):\n%s", r.Host, logTail(r.log))
+		}
+	})
 	r.Start(t)
-	t.Cleanup(func() { r.Stop(t) })
 	return r
 }
 
-// Start starts the registry (again) on the same address and storage.
+// Start starts the registry (again) on the same address and storage, and waits until it answers.
 func (r *Registry) Start(t testing.TB) {
 	t.Helper()
-	logf, err := os.OpenFile(r.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		t.Fatal(err)
+	if r.proc != nil {
+		t.Fatalf("registry %s is already running", r.Host)
 	}
-	defer logf.Close()
-	r.cmd = exec.Command(r.bin, "serve", r.config)
-	r.cmd.Stdout, r.cmd.Stderr = logf, logf
-	if err := r.cmd.Start(); err != nil {
+	p, err := startProcess(r.log, r.bin, "serve", r.config)
+	if err != nil {
 		t.Fatalf("start registry: %v", err)
 	}
-	err = waitFor(20*time.Second, func() error {
-		resp, err := http.Get(r.URL + "/v2/")
+	r.proc = p
+	client := &http.Client{Timeout: 2 * time.Second}
+	err = waitReady(p, 20*time.Second, func() error {
+		resp, err := client.Get(r.URL + "/v2/")
 		if err != nil {
 			return err
 		}
@@ -81,27 +85,21 @@ func (r *Registry) Start(t testing.TB) {
 	}
 }
 
-// Stop stops the registry; its storage stays.
+// Stop stops the registry (SIGTERM, then SIGKILL after 10s) and waits for it; its storage stays.
+// Stopping a stopped registry does nothing.
 func (r *Registry) Stop(t testing.TB) {
-	if r.cmd == nil {
+	t.Helper()
+	if r.proc == nil {
 		return
 	}
-	r.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { r.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		r.cmd.Process.Kill()
-		<-done
-	}
-	r.cmd = nil
+	r.proc.stop(10 * time.Second)
+	r.proc = nil
 }
 
-// PID is the registry's process id, for measuring it.
+// PID is the registry's process id while it runs (0 when stopped), for measuring it.
 func (r *Registry) PID() int {
-	if r.cmd == nil {
+	if r.proc == nil {
 		return 0
 	}
-	return r.cmd.Process.Pid
+	return r.proc.cmd.Process.Pid
 }

@@ -1,22 +1,29 @@
 // Package testenv starts the real components that imagemesh's tests run against: the distribution
-// registry, crane, skopeo and containerd. It finds their binaries in $IMAGEMESH_TOOLS, then in
-// ~/.cache/imagemesh/tools/bin (where `make test-deps` builds them), then on PATH.
+// registry, crane, skopeo and containerd (1.6 and 2.x). It finds their binaries in $IMAGEMESH_TOOLS,
+// then in ~/.cache/imagemesh/tools/bin (where `make test-deps` builds them), then on PATH.
 //
 // A missing component skips the test on a developer's machine and fails it under CI=true: CI must
 // never pass because it quietly tested nothing.
+//
+// Every daemon runs in its own temp dirs, on 127.0.0.1 or a private unix socket, writes its output
+// to a log file that is printed when the test fails, and is stopped by t.Cleanup.
 package testenv
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
 
-// Tool returns the path of a binary the tests need, or ends the test saying how to install it.
+// Tool returns the path of a binary the tests need. It looks in $IMAGEMESH_TOOLS, then
+// ~/.cache/imagemesh/tools/bin, then PATH. A missing tool fails the test under CI=true and skips it
+// otherwise, naming the tool and `make test-deps`, which installs it.
 func Tool(t testing.TB, name string) string {
 	t.Helper()
 	var dirs []string
@@ -28,7 +35,8 @@ func Tool(t testing.TB, name string) string {
 	}
 	for _, d := range dirs {
 		p := filepath.Join(d, name)
-		if fi, err := os.Stat(p); err == nil && fi.Mode()&0o111 != 0 {
+		// Stat follows the cache's symlinks: a dangling link (a half-cleaned cache) counts as missing.
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
 			return p
 		}
 	}
@@ -39,7 +47,7 @@ func Tool(t testing.TB, name string) string {
 	return ""
 }
 
-// RequireRoot ends the test if it does not run as root (containerd needs it).
+// RequireRoot ends the test if it does not run as root: containerd needs it.
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -47,10 +55,12 @@ func RequireRoot(t testing.TB) {
 	}
 }
 
+// missing fails the test under CI=true and skips it otherwise.
 func missing(t testing.TB, format string, args ...any) {
 	t.Helper()
 	if os.Getenv("CI") == "true" {
 		t.Fatalf("missing component (CI=true, so this fails rather than skips): "+format, args...)
+		return // only reached with a testing.TB whose Fatalf returns
 	}
 	t.Skipf("missing component: "+format, args...)
 }
@@ -66,13 +76,82 @@ func freePort(t testing.TB) string {
 	return l.Addr().String()
 }
 
-// waitFor polls ready until it returns nil or the timeout passes.
-func waitFor(timeout time.Duration, ready func() error) error {
+// shortTempDir makes a temp dir whose path is short enough for unix sockets inside it (108 bytes
+// at most): t.TempDir() embeds the test's name and easily passes that.
+func shortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	base := os.TempDir()
+	if len(base) > 40 {
+		base = "/tmp"
+	}
+	dir, err := os.MkdirTemp(base, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// process is a daemon the harness started, with its output going to a log file.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed once it has exited
+	err  error         // how it exited, valid once done is closed
+}
+
+// startProcess starts bin in its own process group (so that stop also reaches anything it
+// started), appending its stdout and stderr to logPath.
+func startProcess(logPath, bin string, args ...string) (*process, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child has its own copy
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &process{cmd: cmd, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// exited returns a non-nil error once the process has ended.
+func (p *process) exited() error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("exited: %v", p.err)
+	default:
+		return nil
+	}
+}
+
+// stop sends SIGTERM to the process group, and SIGKILL if it has not exited after timeout.
+func (p *process) stop(timeout time.Duration) {
+	pid := p.cmd.Process.Pid
+	syscall.Kill(-pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		syscall.Kill(-pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+// errExited marks a readiness failure that waiting will not fix.
+var errExited = errors.New("process exited")
+
+// waitReady polls ready until it returns nil, the process exits, or the timeout passes.
+func waitReady(p *process, timeout time.Duration, ready func() error) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		err := ready()
 		if err == nil {
 			return nil
+		}
+		if e := p.exited(); e != nil {
+			return fmt.Errorf("%w (%v) before it was ready: %v", errExited, e, err)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("not ready after %s: %w", timeout, err)
@@ -84,8 +163,8 @@ func waitFor(timeout time.Duration, ready func() error) error {
 // logTail returns the end of a log file, for failure messages.
 func logTail(path string) string {
 	b, _ := os.ReadFile(path)
-	if len(b) > 8000 {
-		b = b[len(b)-8000:]
+	if len(b) > 16000 {
+		b = b[len(b)-16000:]
 	}
 	return string(b)
 }

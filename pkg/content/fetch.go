@@ -86,6 +86,7 @@ type ingestion struct {
 	size      int64
 	source    string
 	written   int64
+	verified  bool // the digest matched: every byte may be read
 	committed bool
 	err       error
 }
@@ -123,9 +124,12 @@ func (ing *ingestion) reader(ctx context.Context) (*Reader, error) {
 	// stays valid when the file is renamed into the store.
 	f, err := os.Open(ing.file.Name())
 	if err != nil {
-		// Renamed or removed in between: the fetch has ended, so the store or the error has the answer.
+		// Renamed or removed in between: the fetch is ending; the store or its error will have the answer.
 		ing.mu.Lock()
 		defer ing.mu.Unlock()
+		for !ing.committed && ing.err == nil {
+			ing.cond.Wait()
+		}
 		if ing.committed {
 			f, _, err := ing.s.Open(ing.d)
 			if err != nil {
@@ -145,9 +149,11 @@ func (ing *ingestion) run() {
 	s := ing.s
 	defer s.wg.Done()
 	defer s.metrics.inflight.Dec()
-	err := ing.copy()
+	hasher := newPipeHasher(ing.digester.Hash())
+	defer hasher.finish()
+	err := ing.copy(hasher)
 	if err == nil {
-		err = ing.verifyAndCommit()
+		err = ing.verifyAndCommit(hasher)
 	} else {
 		ing.file.Close()
 		os.Remove(ing.file.Name())
@@ -173,10 +179,8 @@ func (ing *ingestion) run() {
 }
 
 // copy fills the temp file, resuming from where it stopped when an attempt breaks off.
-func (ing *ingestion) copy() error {
+func (ing *ingestion) copy(hasher *pipeHasher) error {
 	s := ing.s
-	hash := ing.digester.Hash()
-	buf := make([]byte, 256<<10)
 	var lastErr error
 	for attempt := 0; attempt < s.opts.FetchAttempts; attempt++ {
 		if attempt > 0 {
@@ -187,7 +191,7 @@ func (ing *ingestion) copy() error {
 				return fmt.Errorf("fetch %s: %w", ing.d, s.ctx.Err())
 			}
 		}
-		progressed, err := ing.attempt(hash, buf)
+		progressed, err := ing.attempt(hasher)
 		if err == nil {
 			return nil
 		}
@@ -205,7 +209,7 @@ func (ing *ingestion) copy() error {
 var errPermanent = errors.New("permanent")
 
 // attempt runs one FetchFunc call to its end and reports whether it moved the offset.
-func (ing *ingestion) attempt(hash io.Writer, buf []byte) (bool, error) {
+func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	s := ing.s
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	defer cancel(nil)
@@ -239,17 +243,30 @@ func (ing *ingestion) attempt(hash io.Writer, buf []byte) (bool, error) {
 	})
 	defer stall.Stop()
 
+	// Each read is written at once, so readers see it; the hasher gets whole buffers, so that a
+	// stream of small reads does not become a stream of hand-offs.
+	buf, fill := hasher.buffer(), 0
+	defer func() {
+		if fill > 0 {
+			hasher.submit(buf[:fill])
+		} else {
+			hasher.release(buf)
+		}
+	}()
 	for ing.written < size {
-		n, rerr := fetched.Body.Read(buf)
+		n, rerr := fetched.Body.Read(buf[fill:])
 		if n > 0 {
 			stall.Reset(s.opts.StallTimeout)
 			if ing.written+int64(n) > size {
 				return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
 			}
-			if _, err := ing.file.Write(buf[:n]); err != nil {
+			if _, err := ing.file.Write(buf[fill : fill+n]); err != nil {
 				return true, fmt.Errorf("%w: write %s: %w", errPermanent, ing.file.Name(), err)
 			}
-			hash.Write(buf[:n])
+			if fill += n; fill == len(buf) {
+				hasher.submit(buf)
+				buf, fill = hasher.buffer(), 0
+			}
 			s.metrics.fetchedBytes.WithLabelValues(fetched.Source).Add(float64(n))
 			ing.mu.Lock()
 			ing.written += int64(n)
@@ -270,22 +287,30 @@ func (ing *ingestion) attempt(hash io.Writer, buf []byte) (bool, error) {
 		return ing.written > start, fmt.Errorf("fetch %s from %s: ended at %d of %d bytes: %w", ing.d, fetched.Source, ing.written, size, io.ErrUnexpectedEOF)
 	}
 	// A source that has more to say than it announced is lying about something.
-	if n, _ := fetched.Body.Read(buf[:1]); n > 0 {
+	var one [1]byte
+	if n, _ := fetched.Body.Read(one[:]); n > 0 {
 		return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
 	}
 	return true, nil
 }
 
-func (ing *ingestion) verifyAndCommit() error {
+func (ing *ingestion) verifyAndCommit(hasher *pipeHasher) error {
 	s := ing.s
-	// The bytes were hashed as they were written, in order, across resumed attempts; hashing the file
+	// The bytes were hashed in order as they were written, across resumed attempts; hashing the file
 	// again would read the same page cache and delay the last byte of every cold pull.
+	hasher.finish()
 	if got := ing.digester.Digest(); got != ing.d {
 		ing.file.Close()
 		os.Remove(ing.file.Name())
 		s.metrics.verifyFailures.Inc()
 		return fmt.Errorf("fetch %s from %s: got %s: %w", ing.d, ing.source, got, ErrDigestMismatch)
 	}
+	// Verified: readers may have the last byte now. Making the blob durable (fsync, rename) is the
+	// store's business and need not delay them; until it is done, nothing else refers to the file.
+	ing.mu.Lock()
+	ing.verified = true
+	ing.cond.Broadcast()
+	ing.mu.Unlock()
 	return s.commit(ing.file, ing.d, ing.size)
 }
 
@@ -319,7 +344,7 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	if r.ing != nil {
-		avail, err := r.ing.wait(off)
+		avail, err := r.ing.wait(off, 1)
 		if err != nil {
 			return 0, err
 		}
@@ -340,19 +365,50 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-// wait blocks until bytes past off may be read and returns how far they go.
-func (ing *ingestion) wait(off int64) (int64, error) {
+// WriteTo writes the whole blob to w, each part as soon as it may be read. When w takes a reader of
+// the file (an HTTP response on a TCP connection does), the bytes go out with sendfile, without a copy
+// through this process. Only one WriteTo or Read at a time: it moves the reader's file offset.
+func (r *Reader) WriteTo(w io.Writer) (int64, error) {
+	var off int64
+	for off < r.size {
+		avail := r.size
+		if r.ing != nil {
+			// Whole megabytes per sendfile, rather than a wake-up for every read of the fetch.
+			a, err := r.ing.wait(off, 1<<20)
+			if err != nil {
+				return off, err
+			}
+			avail = a
+		}
+		if _, err := r.f.Seek(off, io.SeekStart); err != nil {
+			return off, err
+		}
+		n, err := io.Copy(w, &io.LimitedReader{R: r.f, N: avail - off})
+		off += n
+		if err != nil {
+			return off, err
+		}
+		if n == 0 {
+			return off, fmt.Errorf("read %s at %d: %w", r.f.Name(), off, io.ErrUnexpectedEOF)
+		}
+	}
+	return off, nil
+}
+
+// wait blocks until at least chunk bytes past off may be read, or all that are left, and returns how
+// far the readable bytes go. The last byte waits for verification.
+func (ing *ingestion) wait(off, chunk int64) (int64, error) {
 	ing.mu.Lock()
 	defer ing.mu.Unlock()
+	want := min(off+chunk, ing.size)
 	for {
-		if ing.committed {
+		if ing.verified || ing.committed {
 			return ing.size, nil
 		}
 		if ing.err != nil {
 			return 0, ing.err
 		}
-		// Hold back the last byte until the digest is verified.
-		if avail := min(ing.written, ing.size-1); avail > off {
+		if avail := min(ing.written, ing.size-1); avail > off && ing.written >= want {
 			return avail, nil
 		}
 		ing.cond.Wait()

@@ -7,7 +7,8 @@
 //
 // The store is bounded by size. When a commit takes it over the high watermark, the least recently used
 // blobs that are not pinned are removed until it is under the low watermark. The index is kept in memory
-// and rebuilt from the directory on Open, with file modification times standing in for last use.
+// and rebuilt from the directory on Open, with file modification times, refreshed on use at most hourly,
+// standing in for last use.
 package content
 
 import (
@@ -64,9 +65,14 @@ type Info struct {
 
 type entry struct {
 	Info
-	pins int
-	elem *list.Element
+	pins    int
+	elem    *list.Element
+	touched time.Time // last time the file's mtime was set: the use time the index is rebuilt from
 }
+
+// touchInterval bounds how often a read updates a blob's mtime: enough for the order of eviction after
+// a restart, not a syscall on every read.
+const touchInterval = time.Hour
 
 // Store is a content-addressed blob store on local disk. It is safe for concurrent use.
 type Store struct {
@@ -191,7 +197,7 @@ func (s *Store) load() error {
 	// Oldest first, so that pushing each to the front leaves the most recent at the front.
 	sortByTime(all, func(f found) time.Time { return f.mtime })
 	for _, f := range all {
-		e := &entry{Info: f.info}
+		e := &entry{Info: f.info, touched: f.mtime}
 		e.elem = s.lru.PushFront(e)
 		s.entries[f.info.Digest] = e
 		s.total += f.info.Size
@@ -225,7 +231,15 @@ func (s *Store) Open(d digest.Digest) (*os.File, Info, error) {
 	}
 	s.lru.MoveToFront(e.elem)
 	info := e.Info
+	now := time.Now()
+	touch := now.Sub(e.touched) > touchInterval
+	if touch {
+		e.touched = now
+	}
 	s.mu.Unlock()
+	if touch {
+		_ = os.Chtimes(p, now, now)
+	}
 	f, err := os.Open(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Removed behind our back: forget it rather than fail forever.
@@ -307,7 +321,7 @@ func (s *Store) commit(f *os.File, d digest.Digest, size int64) error {
 		return fmt.Errorf("commit %s: %w", d, err)
 	}
 	syncDir(filepath.Dir(p))
-	e := &entry{Info: Info{Digest: d, Size: size}}
+	e := &entry{Info: Info{Digest: d, Size: size}, touched: now}
 	e.elem = s.lru.PushFront(e)
 	s.entries[d] = e
 	s.total += size

@@ -86,6 +86,11 @@ func Render(r Registry) ([]byte, error) {
 	if err := ValidateHost(r.Host); err != nil {
 		return nil, err
 	}
+	if len(r.Mirrors) == 0 {
+		// containerd 1.6 ignores a hosts.toml without [host] tables, silently: such a file would
+		// change nothing and look as if it did.
+		return nil, fmt.Errorf("registry %s: a mirror is required", r.Host)
+	}
 	if len(r.Mirrors) > 1 {
 		// hosts.toml orders [host] tables by their position in the file, and TOML maps have none here.
 		return nil, fmt.Errorf("registry %s: one mirror per registry is supported, got %d", r.Host, len(r.Mirrors))

@@ -35,11 +35,12 @@ func TestRenderIsContainerdHostsTOML(t *testing.T) {
 func TestRenderRejectsBadInput(t *testing.T) {
 	for name, r := range map[string]Registry{
 		"traversal host":   {Host: "../etc", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000"}}},
-		"slash host":       {Host: "a/b"},
+		"slash host":       {Host: "a/b", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000"}}},
+		"no mirror":        {Host: "ghcr.io"},
 		"uppercase host":   {Host: "Docker.io/x"},
 		"push capability":  {Host: "ghcr.io", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000", Capabilities: []string{"push"}}}},
 		"mirror not a URL": {Host: "ghcr.io", Mirrors: []Mirror{{URL: "127.0.0.1:5000"}}},
-		"credentials":      {Host: "ghcr.io", Server: "https://user:pw@ghcr.io"},
+		"credentials":      {Host: "ghcr.io", Server: "https://user:pw@ghcr.io", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000"}}},
 	} {
 		if _, err := Render(r); err == nil {
 			t.Errorf("%s: Render accepted %+v", name, r)
@@ -64,7 +65,7 @@ func TestApplyRemoveOwnsOnlyItsFiles(t *testing.T) {
 	own := filepath.Join(dir, "ghcr.io", FileName)
 	os.MkdirAll(filepath.Dir(own), 0o755)
 	os.WriteFile(own, []byte("server = \"https://ghcr.io\"\n"), 0o644)
-	if _, err := Apply(dir, []Registry{{Host: "ghcr.io"}}); !errors.Is(err, ErrNotManaged) {
+	if _, err := Apply(dir, []Registry{{Host: "ghcr.io", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000"}}}}); !errors.Is(err, ErrNotManaged) {
 		t.Fatalf("Apply over an operator's file: %v, want ErrNotManaged", err)
 	}
 	if err := Remove(dir, "ghcr.io"); !errors.Is(err, ErrNotManaged) {

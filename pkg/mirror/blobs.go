@@ -43,12 +43,30 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 	// A blob still arriving: the reader waits for bytes, and fails, rather than end, if the blob turns
 	// out not to match its digest. Then the connection is cut, so that the client sees a short body
 	// and never a complete, corrupt blob.
+	if r.Header.Get("Range") == "" {
+		// What containerd asks first: the whole blob, which can follow the fetch with sendfile.
+		w.Header().Set("Content-Length", strconv.FormatInt(rd.Size(), 10))
+		w.WriteHeader(http.StatusOK)
+		if _, err := rd.WriteTo(w); err != nil {
+			m.abort(req, d, err)
+		}
+		return
+	}
 	body := &failingReader{ReadSeeker: io.NewSectionReader(rd, 0, rd.Size())}
 	http.ServeContent(w, r, "", time.Time{}, body)
 	if body.err != nil {
-		m.log.Warn("blob transfer aborted", "digest", d, "repo", req.repo.Name(), "err", body.err)
-		panic(http.ErrAbortHandler)
+		m.abort(req, d, body.err)
 	}
+}
+
+// abort cuts a blob transfer short, so that the client cannot take a short body for a whole one.
+func (m *Mirror) abort(req *request, d digest.Digest, err error) {
+	if errors.Is(err, content.ErrDigestMismatch) || errors.Is(err, content.ErrSizeMismatch) {
+		m.log.Warn("blob failed verification; transfer aborted", "digest", d, "repo", req.repo.Name(), "err", err)
+	} else {
+		m.log.Debug("blob transfer ended early", "digest", d, "repo", req.repo.Name(), "err", err)
+	}
+	panic(http.ErrAbortHandler)
 }
 
 func (m *Mirror) headBlob(w *responseWriter, r *http.Request, obj source.Object) {

@@ -107,7 +107,7 @@ type throttle struct {
 	down atomic.Bool
 }
 
-func newThrottle(t *testing.T, upstream string, bytesPerSec int) *throttle {
+func newThrottle(t testing.TB, upstream string, bytesPerSec int) *throttle {
 	u, _ := url.Parse(upstream)
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.ModifyResponse = func(resp *http.Response) error {
@@ -126,17 +126,25 @@ func newThrottle(t *testing.T, upstream string, bytesPerSec int) *throttle {
 	return th
 }
 
+// slowBody keeps a body to a schedule: it sleeps only when it is ahead, so that the rate holds
+// however coarse the sleeps are.
 type slowBody struct {
 	io.ReadCloser
-	rate int
+	rate  int
+	start time.Time
+	sent  int64
 }
 
 func (s *slowBody) Read(p []byte) (int, error) {
-	if chunk := s.rate / 20; len(p) > chunk {
-		p = p[:chunk]
+	if s.start.IsZero() {
+		s.start = time.Now()
 	}
 	n, err := s.ReadCloser.Read(p)
-	time.Sleep(time.Duration(n) * time.Second / time.Duration(s.rate))
+	s.sent += int64(n)
+	due := s.start.Add(time.Duration(float64(s.sent) / float64(s.rate) * float64(time.Second)))
+	if ahead := time.Until(due); ahead > time.Millisecond {
+		time.Sleep(ahead)
+	}
 	return n, err
 }
 

@@ -1,0 +1,139 @@
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// TestContainerdPullsFromRegistry proves the harness end to end: both containerd versions pull an
+// image pushed with crane, with ctr and through CRI, following the hosts.toml files in HostsDir,
+// and end up with the pushed digest, complete and unpacked.
+func TestContainerdPullsFromRegistry(t *testing.T) {
+	reg := StartRegistry(t)
+	ref := reg.Host + "/harness/app:v1"
+	want := PushImage(t, ref, Layer{Size: 100 << 10}, Layer{Size: 200 << 10})
+	indexRef := reg.Host + "/harness/multi:v1"
+	wantIndex := PushIndex(t, indexRef, "linux/amd64", "linux/arm64")
+
+	hosts := t.TempDir()
+	// The registry's own host, with no mirror. The [host] table repeats the server because
+	// containerd 1.6.20 rejects a hosts.toml without one ("invalid `host` tree"), logs it, and
+	// silently falls back to its defaults.
+	writeHostsTOML(t, hosts, reg.Host, reg.URL)
+	// A name that resolves nowhere: pulling it works only if containerd really reads HostsDir.
+	const alias = "harness.invalid"
+	writeHostsTOML(t, hosts, alias, reg.URL)
+	aliasRef := alias + "/harness/app:v1"
+
+	pulls := []struct {
+		ref  string
+		want digest.Digest
+	}{{ref, want}, {aliasRef, want}, {indexRef, wantIndex}}
+
+	for _, v := range []ContainerdVersion{Containerd16, Containerd2} {
+		t.Run(string(v), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			c := StartContainerd(t, v, hosts)
+			for _, p := range pulls {
+				if out, err := c.CtrPull(ctx, p.ref); err != nil {
+					t.Fatalf("%v\n%s", err, out)
+				}
+				imageID, err := c.CRIPull(ctx, p.ref)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !strings.HasPrefix(imageID, "sha256:") {
+					t.Errorf("CRI PullImage %s returned image ref %q, want an image id", p.ref, imageID)
+				}
+				for _, ns := range []string{CtrNamespace, CRINamespace} {
+					img, err := c.Image(ctx, ns, p.ref)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if img.Digest != p.want || !img.Complete || !img.Unpacked {
+						t.Errorf("%s in %s: %+v, want digest %s, complete and unpacked", p.ref, ns, img, p.want)
+					}
+				}
+			}
+			if _, err := c.Image(ctx, CtrNamespace, reg.Host+"/harness/never:v1"); err == nil {
+				t.Error("Image found an image that was never pulled")
+			}
+		})
+	}
+}
+
+// TestRegistryRestart: a stopped registry refuses connections, and Start serves the same storage
+// on the same address again.
+func TestRegistryRestart(t *testing.T) {
+	reg := StartRegistry(t)
+	ref := reg.Host + "/harness/restart:v1"
+	want := PushImage(t, ref, Layer{Size: 1 << 10})
+	reg.Stop(t)
+	if reg.PID() != 0 {
+		t.Error("PID of a stopped registry is not 0")
+	}
+	if resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(reg.URL + "/v2/"); err == nil {
+		resp.Body.Close()
+		t.Fatal("stopped registry still answers")
+	}
+	reg.Start(t)
+	if got := craneDigest(t, Tool(t, "crane"), ref); got != want {
+		t.Fatalf("after restart %s is %s, want %s", ref, got, want)
+	}
+}
+
+// TestToolMissing: a missing tool skips the test, except under CI=true, where it fails it.
+func TestToolMissing(t *testing.T) {
+	t.Setenv("IMAGEMESH_TOOLS", t.TempDir())
+	const name = "imagemesh-no-such-tool"
+	for _, ci := range []string{"", "true"} {
+		t.Setenv("CI", ci)
+		rec := &recorder{TB: t}
+		if p := Tool(rec, name); p != "" {
+			t.Fatalf("Tool(%q) = %q", name, p)
+		}
+		wantFatal := ci == "true"
+		if rec.fatal != wantFatal || rec.skip == wantFatal {
+			t.Errorf("CI=%q: fatal=%v skip=%v, want fatal=%v", ci, rec.fatal, rec.skip, wantFatal)
+		}
+		if !strings.Contains(rec.msg, name) || !strings.Contains(rec.msg, "make test-deps") {
+			t.Errorf("CI=%q: message %q does not name the tool and `make test-deps`", ci, rec.msg)
+		}
+	}
+}
+
+// recorder records Fatalf and Skipf instead of ending the test.
+type recorder struct {
+	testing.TB
+	fatal, skip bool
+	msg         string
+}
+
+func (r *recorder) Helper() {}
+func (r *recorder) Fatalf(format string, args ...any) {
+	r.fatal, r.msg = true, fmt.Sprintf(format, args...)
+}
+func (r *recorder) Skipf(format string, args ...any) {
+	r.skip, r.msg = true, fmt.Sprintf(format, args...)
+}
+
+// writeHostsTOML points containerd's registry host at server, with no mirror.
+func writeHostsTOML(t *testing.T, hostsDir, host, server string) {
+	t.Helper()
+	body := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", server, server)
+	if err := os.MkdirAll(filepath.Join(hostsDir, host), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(hostsDir, host, "hosts.toml"), []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
