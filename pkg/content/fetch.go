@@ -208,6 +208,9 @@ func (ing *ingestion) copy(hasher *pipeHasher) error {
 
 var errPermanent = errors.New("permanent")
 
+// flushInterval bounds how long arrived bytes wait in a fetch's buffer before readers can have them.
+const flushInterval = 25 * time.Millisecond
+
 // attempt runs one FetchFunc call to its end and reports whether it moved the offset.
 func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	s := ing.s
@@ -243,45 +246,59 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	})
 	defer stall.Stop()
 
-	// Each read is written at once, so readers see it; the hasher gets whole buffers, so that a
-	// stream of small reads does not become a stream of hand-offs.
+	// Reads are gathered into whole buffers before they are written and hashed: small writes to a new
+	// file cost ten times more than large ones. On a slow link a partial buffer is written every
+	// flushInterval, so that readers never wait long for bytes that have arrived.
 	buf, fill := hasher.buffer(), 0
-	defer func() {
-		if fill > 0 {
-			hasher.submit(buf[:fill])
-		} else {
-			hasher.release(buf)
+	lastFlush := time.Now()
+	flush := func() error {
+		if fill == 0 {
+			return nil
 		}
-	}()
-	for ing.written < size {
+		if _, err := ing.file.Write(buf[:fill]); err != nil {
+			return fmt.Errorf("%w: write %s: %w", errPermanent, ing.file.Name(), err)
+		}
+		hasher.submit(buf[:fill])
+		s.metrics.fetchedBytes.WithLabelValues(fetched.Source).Add(float64(fill))
+		ing.mu.Lock()
+		ing.written += int64(fill)
+		ing.cond.Broadcast()
+		ing.mu.Unlock()
+		buf, fill = hasher.buffer(), 0
+		lastFlush = time.Now()
+		return nil
+	}
+	defer func() { hasher.release(buf) }()
+	for ing.written+int64(fill) < size {
 		n, rerr := fetched.Body.Read(buf[fill:])
 		if n > 0 {
 			stall.Reset(s.opts.StallTimeout)
-			if ing.written+int64(n) > size {
+			if ing.written+int64(fill+n) > size {
 				return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
 			}
-			if _, err := ing.file.Write(buf[fill : fill+n]); err != nil {
-				return true, fmt.Errorf("%w: write %s: %w", errPermanent, ing.file.Name(), err)
+			fill += n
+			if fill == len(buf) || time.Since(lastFlush) > flushInterval {
+				if err := flush(); err != nil {
+					return true, err
+				}
 			}
-			if fill += n; fill == len(buf) {
-				hasher.submit(buf)
-				buf, fill = hasher.buffer(), 0
-			}
-			s.metrics.fetchedBytes.WithLabelValues(fetched.Source).Add(float64(n))
-			ing.mu.Lock()
-			ing.written += int64(n)
-			ing.cond.Broadcast()
-			ing.mu.Unlock()
 		}
 		if rerr == io.EOF {
 			break
 		}
 		if rerr != nil {
+			// Keep what arrived intact: the next attempt resumes after it.
+			if err := flush(); err != nil {
+				return true, err
+			}
 			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
 				rerr = cause
 			}
 			return ing.written > start, fmt.Errorf("fetch %s from %s at offset %d: %w", ing.d, fetched.Source, ing.written, rerr)
 		}
+	}
+	if err := flush(); err != nil {
+		return true, err
 	}
 	if ing.written < size {
 		return ing.written > start, fmt.Errorf("fetch %s from %s: ended at %d of %d bytes: %w", ing.d, fetched.Source, ing.written, size, io.ErrUnexpectedEOF)
@@ -329,7 +346,7 @@ func (r *Reader) Size() int64 { return r.size }
 func (r *Reader) Source() string { return r.source }
 
 // File returns the blob's file when the blob was complete when the reader was made, so that it can be
-// sent with sendfile; nil otherwise.
+// served as a file (Range, conditional requests); nil otherwise.
 func (r *Reader) File() *os.File {
 	if r.ing != nil {
 		return nil
@@ -365,15 +382,15 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-// WriteTo writes the whole blob to w, each part as soon as it may be read. When w takes a reader of
-// the file (an HTTP response on a TCP connection does), the bytes go out with sendfile, without a copy
-// through this process. Only one WriteTo or Read at a time: it moves the reader's file offset.
+// WriteTo writes the whole blob to w, each part as soon as it may be read, in ranges of at least a
+// megabyte rather than a wake-up for every write of the fetch. w gets the parts as readers of the
+// file (io.Copy), so it may choose how to send them. Only one WriteTo at a time: it moves the
+// reader's file offset.
 func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 	var off int64
 	for off < r.size {
 		avail := r.size
 		if r.ing != nil {
-			// Whole megabytes per sendfile, rather than a wake-up for every read of the fetch.
 			a, err := r.ing.wait(off, 1<<20)
 			if err != nil {
 				return off, err

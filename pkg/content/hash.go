@@ -7,7 +7,7 @@ import (
 
 const (
 	pipeBuffers    = 4
-	pipeBufferSize = 256 << 10
+	pipeBufferSize = 1 << 20
 )
 
 // pipeHasher hashes chunks on its own goroutine, in the order they were submitted, so that the

@@ -35,8 +35,7 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 	w.source = rd.Source()
 	writeBlobHeaders(w, d)
 	if f := rd.File(); f != nil {
-		// A complete blob: ServeContent does Range and conditional requests, and the file goes out
-		// through sendfile.
+		// A complete blob: ServeContent does Range and conditional requests.
 		http.ServeContent(w, r, "", time.Time{}, f)
 		return
 	}
@@ -44,7 +43,7 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 	// out not to match its digest. Then the connection is cut, so that the client sees a short body
 	// and never a complete, corrupt blob.
 	if r.Header.Get("Range") == "" {
-		// What containerd asks first: the whole blob, which can follow the fetch with sendfile.
+		// What containerd asks first: the whole blob, sent as the fetch writes it.
 		w.Header().Set("Content-Length", strconv.FormatInt(rd.Size(), 10))
 		w.WriteHeader(http.StatusOK)
 		if _, err := rd.WriteTo(w); err != nil {
