@@ -2,7 +2,12 @@ package testenv
 
 import (
 	"fmt"
+	"io"
+	"log"
+	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -21,10 +26,15 @@ type Registry struct {
 
 	bin, config, log string
 	proc             *process
+	// token, if set, is served at /token on Host, in front of the registry.
+	token http.Handler
 }
 
+// RegistryOption configures a registry before it starts.
+type RegistryOption func(t testing.TB, r *Registry, dir string) (configYAML string)
+
 // StartRegistry starts a registry, waits until GET /v2/ answers, and stops it when the test ends.
-func StartRegistry(t testing.TB) *Registry {
+func StartRegistry(t testing.TB, opts ...RegistryOption) *Registry {
 	t.Helper()
 	dir := t.TempDir()
 	r := &Registry{
@@ -35,6 +45,18 @@ func StartRegistry(t testing.TB) *Registry {
 		log:    filepath.Join(dir, "registry.log"),
 	}
 	r.URL = "http://" + r.Host
+	var extra string
+	for _, opt := range opts {
+		extra += opt(t, r, dir)
+	}
+	listen := r.Host
+	if r.token != nil {
+		// go-containerregistry accepts a token realm on a loopback address only when it is the
+		// registry's own host:port, so the token service shares the registry's address behind a front,
+		// as it often does behind an ingress.
+		listen = freePort(t)
+		front(t, r.Host, r.token, listen)
+	}
 	// Access logs at info level: a failing test shows which requests reached upstream.
 	config := fmt.Sprintf(`version: 0.1
 log: {level: info, formatter: text, accesslog: {disabled: false}}
@@ -43,7 +65,7 @@ storage:
   delete: {enabled: true}
 http:
   addr: %s
-`, r.Dir, r.Host)
+`, r.Dir, listen) + extra
 	if err := os.WriteFile(r.config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +97,8 @@ func (r *Registry) Start(t testing.TB) {
 			return err
 		}
 		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
+		// 401 is a registry that is up and asks for credentials.
+		if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusUnauthorized {
 			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
 		return nil
@@ -102,4 +125,19 @@ func (r *Registry) PID() int {
 		return 0
 	}
 	return r.proc.cmd.Process.Pid
+}
+
+// front serves token at /token on addr and passes everything else to the registry at backend.
+func front(t testing.TB, addr string, token http.Handler, backend string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/token", token)
+	mux.Handle("/", httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: backend}))
+	srv := &http.Server{Handler: mux, ErrorLog: log.New(io.Discard, "", 0)}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
 }
