@@ -148,4 +148,3 @@ func TestRegistryUnreachableIsUnavailable(t *testing.T) {
 		t.Fatalf("Resolve with the registry down = %v, want ErrUnavailable (so that a cached answer may serve)", err)
 	}
 }
-
