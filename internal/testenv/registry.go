@@ -39,7 +39,7 @@ func StartRegistry(t testing.TB, opts ...RegistryOption) *Registry {
 	dir := t.TempDir()
 	r := &Registry{
 		bin:    Tool(t, "registry"),
-		Host:   freePort(t),
+		Host:   FreeAddr(t),
 		Dir:    filepath.Join(dir, "storage"),
 		config: filepath.Join(dir, "config.yml"),
 		log:    filepath.Join(dir, "registry.log"),
@@ -54,7 +54,7 @@ func StartRegistry(t testing.TB, opts ...RegistryOption) *Registry {
 		// go-containerregistry accepts a token realm on a loopback address only when it is the
 		// registry's own host:port, so the token service shares the registry's address behind a front,
 		// as it often does behind an ingress.
-		listen = freePort(t)
+		listen = FreeAddr(t)
 		front(t, r.Host, r.token, listen)
 	}
 	// Access logs at info level: a failing test shows which requests reached upstream.

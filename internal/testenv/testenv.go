@@ -65,8 +65,8 @@ func missing(t testing.TB, format string, args ...any) {
 	t.Skipf("missing component: "+format, args...)
 }
 
-// freePort returns a loopback address nobody listens on right now.
-func freePort(t testing.TB) string {
+// FreeAddr returns a loopback address (127.0.0.1:port) that nobody listens on right now.
+func FreeAddr(t testing.TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

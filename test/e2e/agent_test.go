@@ -7,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imagemesh/imagemesh/internal/testenv"
 )
 
 var agentBin string
@@ -49,20 +50,10 @@ type agent struct {
 	cmd     *exec.Cmd
 }
 
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // startAgent starts node-agent with args on a free port and a fresh data dir, and waits until ready.
 func startAgent(t testing.TB, args ...string) *agent {
 	t.Helper()
-	a := &agent{t: t, args: args, Addr: freeAddr(t), DataDir: t.TempDir()}
+	a := &agent{t: t, args: args, Addr: testenv.FreeAddr(t), DataDir: t.TempDir()}
 	a.URL = "http://" + a.Addr
 	a.log = filepath.Join(t.TempDir(), "agent.log")
 	a.Start()

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imagemesh/imagemesh/internal/agent"
+)
+
+// configOf parses args as the command does and returns the configuration it would run with.
+func configOf(t *testing.T, args ...string) (agent.Config, error) {
+	t.Helper()
+	var got agent.Config
+	err := newCommand(args, func(_ context.Context, c agent.Config) error { got = c; return nil }).Execute()
+	return got, err
+}
+
+func TestPrecedenceDefaultsFileFlags(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "agent.yaml")
+	os.WriteFile(file, []byte(`
+listen: 0.0.0.0:6000
+tagTTL: 2m
+cache: {maxBytes: 20GiB}
+registries: [docker.io, ghcr.io]
+upstreams:
+  - {host: example.test, endpoint: "http://127.0.0.1:5001", username: u, passwordFile: /p}
+`), 0o644)
+
+	c, err := configOf(t)
+	if err != nil || c.Listen != "127.0.0.1:5000" || c.DefaultRegistry != "docker.io" {
+		t.Fatalf("defaults: %+v %v", c, err)
+	}
+	c, err = configOf(t, "--config", file, "--tag-ttl", "10s", "--registry", "quay.io",
+		"--upstream", "example.test=https://mirror.example", "--upstream", "other.test=http://127.0.0.1:5002")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "0.0.0.0:6000" {
+		t.Errorf("listen %q: the file's value was lost", c.Listen)
+	}
+	if time.Duration(c.TagTTL) != 10*time.Second {
+		t.Errorf("tagTTL %v: the flag did not win", time.Duration(c.TagTTL))
+	}
+	if c.Cache.MaxBytes != 20<<30 {
+		t.Errorf("cache.maxBytes %d, want 20GiB", c.Cache.MaxBytes)
+	}
+	if strings.Join(c.Registries, ",") != "quay.io" {
+		t.Errorf("registries %v: a list flag replaces the file's list", c.Registries)
+	}
+	if len(c.Upstreams) != 2 || c.Upstreams[0].Endpoint != "https://mirror.example" || c.Upstreams[0].Username != "u" {
+		t.Errorf("upstreams %+v: --upstream replaces the endpoint and keeps the file's credentials", c.Upstreams)
+	}
+}
+
+func TestBadArguments(t *testing.T) {
+	for _, args := range [][]string{
+		{"--config", "/nonexistent/agent.yaml"},
+		{"--cache-max-bytes", "lots"},
+		{"--upstream", "no-equals-sign"},
+		{"--tag-ttl", "soon"},
+		{"extra-argument"},
+	} {
+		if _, err := configOf(t, args...); err == nil {
+			t.Errorf("%v accepted", args)
+		}
+	}
+}
