@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -137,4 +138,57 @@ func (r *Registry) DockerConfig(t testing.TB, user, password string) string {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// WithTLS serves the registry over HTTPS with a certificate for 127.0.0.1 from a fresh CA, and sets
+// URL to https. The CA's PEM file is written to *caFile.
+func WithTLS(caFile *string) RegistryOption {
+	return func(t testing.TB, r *Registry, dir string) string {
+		caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		caTmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "imagemesh test CA"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+		}
+		caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ca, _ := x509.ParseCertificate(caDER)
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leafTmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		}
+		leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keyDER, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+		*caFile = filepath.Join(dir, "ca.crt")
+		for path, block := range map[string]*pem.Block{
+			cert:    {Type: "CERTIFICATE", Bytes: leafDER},
+			keyFile: {Type: "EC PRIVATE KEY", Bytes: keyDER},
+			*caFile: {Type: "CERTIFICATE", Bytes: caDER},
+		} {
+			if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r.URL = "https://" + r.Host
+		r.tlsCA, r.tlsCert, r.tlsKey = *caFile, cert, keyFile
+		return ""
+	}
 }

@@ -1,6 +1,8 @@
 package testenv
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"log"
@@ -28,6 +30,8 @@ type Registry struct {
 	proc             *process
 	// token, if set, is served at /token on Host, in front of the registry.
 	token http.Handler
+	// tlsCA, tlsCert and tlsKey, if set, make the registry serve HTTPS.
+	tlsCA, tlsCert, tlsKey string
 }
 
 // RegistryOption configures a registry before it starts.
@@ -65,7 +69,11 @@ storage:
   delete: {enabled: true}
 http:
   addr: %s
-`, r.Dir, listen) + extra
+`, r.Dir, listen)
+	if r.tlsCert != "" {
+		config += fmt.Sprintf("  tls: {certificate: %s, key: %s}\n", r.tlsCert, r.tlsKey)
+	}
+	config += extra
 	if err := os.WriteFile(r.config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +98,7 @@ func (r *Registry) Start(t testing.TB) {
 		t.Fatalf("start registry: %v", err)
 	}
 	r.proc = p
-	client := &http.Client{Timeout: 2 * time.Second}
+	client := &http.Client{Timeout: 2 * time.Second, Transport: r.Transport(t)}
 	err = waitReady(p, 20*time.Second, func() error {
 		resp, err := client.Get(r.URL + "/v2/")
 		if err != nil {
@@ -140,4 +148,19 @@ func front(t testing.TB, addr string, token http.Handler, backend string) {
 	srv := &http.Server{Handler: mux, ErrorLog: log.New(io.Discard, "", 0)}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
+}
+
+// Transport is an HTTP transport that trusts the registry's certificate, if it has one.
+func (r *Registry) Transport(t testing.TB) http.RoundTripper {
+	t.Helper()
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if r.tlsCA != "" {
+		pool := x509.NewCertPool()
+		pem, err := os.ReadFile(r.tlsCA)
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			t.Fatalf("registry CA %s: %v", r.tlsCA, err)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool}
+	}
+	return tr
 }

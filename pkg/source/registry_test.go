@@ -35,10 +35,11 @@ func fixture(t *testing.T, reg *testenv.Registry, user, password string) sourcet
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := []remote.Option{remote.WithAuth(authn.Anonymous)}
+	var auth authn.Authenticator = authn.Anonymous
 	if user != "" {
-		opts = []remote.Option{remote.WithAuth(&authn.Basic{Username: user, Password: password})}
+		auth = &authn.Basic{Username: user, Password: password}
 	}
+	opts := []remote.Option{remote.WithAuth(auth), remote.WithTransport(reg.Transport(t))}
 	desc, err := remote.Get(ref, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -147,4 +148,23 @@ func TestRegistryUnreachableIsUnavailable(t *testing.T) {
 	if _, err := src.Resolve(ctx, f.Repo, f.Tag); !errors.Is(err, source.ErrUnavailable) {
 		t.Fatalf("Resolve with the registry down = %v, want ErrUnavailable (so that a cached answer may serve)", err)
 	}
+}
+
+func TestRegistryTLS(t *testing.T) {
+	var ca string
+	reg := testenv.StartRegistry(t, testenv.WithTLS(&ca))
+	f := fixture(t, reg, "", "")
+
+	t.Run("CA from caFile", func(t *testing.T) {
+		f := f
+		f.Source = newSource(t, reg, source.Endpoint{CAFile: ca}, noCredentials)
+		sourcetest.Run(t, f)
+	})
+	t.Run("unknown CA is refused", func(t *testing.T) {
+		src := newSource(t, reg, source.Endpoint{}, noCredentials)
+		_, err := src.Resolve(context.Background(), f.Repo, f.Tag)
+		if err == nil || !strings.Contains(err.Error(), "certificate") {
+			t.Fatalf("Resolve against an unknown CA = %v, want a certificate error", err)
+		}
+	})
 }
