@@ -19,6 +19,13 @@ type Fetched struct {
 	Size int64
 	// Source names where the bytes come from, for metrics and logs.
 	Source string
+	// Untrusted marks bytes from a source that may lie, such as another node. Clients get none of them
+	// before the whole blob has verified, so that a bad source costs a retry, never a broken pull; other
+	// untrusted readers (peers, which verify for themselves) get them as they arrive.
+	Untrusted bool
+	// Reject, if set, is told when the blob failed verification with bytes from this answer in it.
+	// The fetch then starts again from the first untrusted byte.
+	Reject func(err error)
 }
 
 // FetchFunc opens a blob at offset. The store calls it again, with the offset it has reached, when an
@@ -55,8 +62,32 @@ func (s *Store) Fetch(ctx context.Context, d digest.Digest, fetch FetchFunc) (*R
 			}
 		}
 		s.mu.Unlock()
-		return ing.reader(ctx)
+		return ing.reader(ctx, false)
 	}
+}
+
+// Reader returns a reader of blob d if the store holds it or is fetching it, and ErrNotFound
+// otherwise; it never starts a fetch. It is how other nodes are served: they verify for themselves, so
+// they get a blob still arriving as it arrives, untrusted bytes included, and its last byte only once
+// it verified, as every reader does.
+func (s *Store) Reader(ctx context.Context, d digest.Digest) (*Reader, error) {
+	if _, err := s.path(d); err != nil {
+		return nil, err
+	}
+	if f, info, err := s.Open(d); err == nil {
+		return &Reader{f: f, size: info.Size, source: "local"}, nil
+	}
+	s.mu.Lock()
+	ing, ok := s.fetching[d]
+	s.mu.Unlock()
+	if !ok {
+		// Committed in between, or not here at all.
+		if f, info, err := s.Open(d); err == nil {
+			return &Reader{f: f, size: info.Size, source: "local"}, nil
+		}
+		return nil, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	return ing.reader(ctx, true)
 }
 
 // Fetching reports whether a fetch of d is under way, and its source and size once known.
@@ -89,6 +120,11 @@ type ingestion struct {
 	verified  bool // the digest matched: every byte may be read
 	committed bool
 	err       error
+
+	// heldFrom is the offset of the first untrusted byte, -1 if there is none: trusted readers wait
+	// for verification past it.
+	heldFrom int64
+	rejects  []func(error)
 }
 
 func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error) {
@@ -99,7 +135,7 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", d, err)
 	}
-	ing := &ingestion{s: s, d: d, fetch: fetch, file: f, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1}
+	ing := &ingestion{s: s, d: d, fetch: fetch, file: f, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1}
 	ing.cond = sync.NewCond(&ing.mu)
 	s.fetching[d] = ing
 	s.metrics.inflight.Inc()
@@ -108,7 +144,7 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	return ing, nil
 }
 
-func (ing *ingestion) reader(ctx context.Context) (*Reader, error) {
+func (ing *ingestion) reader(ctx context.Context, untrusted bool) (*Reader, error) {
 	select {
 	case <-ing.sized:
 	case <-ctx.Done():
@@ -142,19 +178,15 @@ func (ing *ingestion) reader(ctx context.Context) (*Reader, error) {
 		}
 		return nil, fmt.Errorf("fetch %s: %w", ing.d, err)
 	}
-	return &Reader{f: f, size: size, source: source, ing: ing}, nil
+	return &Reader{f: f, size: size, source: source, ing: ing, untrusted: untrusted}, nil
 }
 
 func (ing *ingestion) run() {
 	s := ing.s
 	defer s.wg.Done()
 	defer s.metrics.inflight.Dec()
-	hasher := newPipeHasher(ing.digester.Hash())
-	defer hasher.finish()
-	err := ing.copy(hasher)
-	if err == nil {
-		err = ing.verifyAndCommit(hasher)
-	} else {
+	err := ing.fill()
+	if err != nil {
 		ing.file.Close()
 		os.Remove(ing.file.Name())
 	}
@@ -234,6 +266,14 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	} else {
 		ing.source = fetched.Source
 	}
+	if fetched.Untrusted {
+		if ing.heldFrom < 0 {
+			ing.heldFrom = start
+		}
+		if fetched.Reject != nil {
+			ing.rejects = append(ing.rejects, fetched.Reject)
+		}
+	}
 	size := ing.size
 	ing.mu.Unlock()
 	if fetched.Size != size {
@@ -311,16 +351,52 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	return true, nil
 }
 
-func (ing *ingestion) verifyAndCommit(hasher *pipeHasher) error {
+// maxVerifyRounds bounds how often a fetch starts again after untrusted bytes failed verification.
+const maxVerifyRounds = 3
+
+// fill fetches, verifies and commits the blob. When the blob does not verify and untrusted sources
+// contributed, they are rejected and the fetch goes again from the first untrusted byte: trusted
+// readers have not seen those bytes, so they go on as if nothing happened.
+func (ing *ingestion) fill() error {
 	s := ing.s
-	// The bytes were hashed in order as they were written, across resumed attempts; hashing the file
-	// again would read the same page cache and delay the last byte of every cold pull.
-	hasher.finish()
-	if got := ing.digester.Digest(); got != ing.d {
-		ing.file.Close()
-		os.Remove(ing.file.Name())
+	for round := 1; ; round++ {
+		hasher := newPipeHasher(ing.digester.Hash())
+		err := ing.rehash(hasher)
+		if err == nil {
+			err = ing.copy(hasher)
+		}
+		// The bytes were hashed in order as they were written, across resumed attempts; hashing the
+		// file again would read the same page cache and delay the last byte of every cold pull.
+		hasher.finish()
+		if err != nil {
+			return err
+		}
+		got := ing.digester.Digest()
+		if got == ing.d {
+			break
+		}
 		s.metrics.verifyFailures.Inc()
-		return fmt.Errorf("fetch %s from %s: got %s: %w", ing.d, ing.source, got, ErrDigestMismatch)
+		ing.mu.Lock()
+		from, rejects, src := ing.heldFrom, ing.rejects, ing.source
+		ing.mu.Unlock()
+		mismatch := fmt.Errorf("fetch %s from %s: got %s: %w", ing.d, src, got, ErrDigestMismatch)
+		if from < 0 || round == maxVerifyRounds {
+			return mismatch
+		}
+		for _, reject := range rejects {
+			reject(mismatch)
+		}
+		if err := ing.file.Truncate(from); err != nil {
+			return fmt.Errorf("%w: %w", mismatch, err)
+		}
+		if _, err := ing.file.Seek(from, io.SeekStart); err != nil {
+			return fmt.Errorf("%w: %w", mismatch, err)
+		}
+		ing.mu.Lock()
+		ing.written, ing.heldFrom, ing.rejects = from, -1, nil
+		ing.mu.Unlock()
+		ing.digester = ing.d.Algorithm().Digester()
+		s.log.Warn("blob failed verification; fetching its untrusted part again", "digest", ing.d, "offset", from, "err", mismatch)
 	}
 	// Verified: readers may have the last byte now. Making the blob durable (fsync, rename) is the
 	// store's business and need not delay them; until it is done, nothing else refers to the file.
@@ -331,12 +407,35 @@ func (ing *ingestion) verifyAndCommit(hasher *pipeHasher) error {
 	return s.commit(ing.file, ing.d, ing.size)
 }
 
+// rehash feeds the hasher what the file already holds, when a fetch starts again part way.
+func (ing *ingestion) rehash(hasher *pipeHasher) error {
+	ing.mu.Lock()
+	n := ing.written
+	ing.mu.Unlock()
+	for off := int64(0); off < n; {
+		buf := hasher.buffer()
+		k, err := ing.file.ReadAt(buf[:min(int64(len(buf)), n-off)], off)
+		if k > 0 {
+			hasher.submit(buf[:k])
+		} else {
+			hasher.release(buf)
+		}
+		if err != nil && !(errors.Is(err, io.EOF) && off+int64(k) == n) {
+			return fmt.Errorf("%w: reread %s: %w", errPermanent, ing.file.Name(), err)
+		}
+		off += int64(k)
+	}
+	return nil
+}
+
 // Reader reads one blob, complete or still arriving. It implements io.ReaderAt.
 type Reader struct {
 	f      *os.File
 	size   int64
 	source string
 	ing    *ingestion // nil when the blob was complete when the reader was made
+	// untrusted readers verify for themselves: they get untrusted bytes as they arrive.
+	untrusted bool
 }
 
 // Size is the size of the whole blob.
@@ -361,7 +460,7 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	if r.ing != nil {
-		avail, err := r.ing.wait(off, 1)
+		avail, err := r.ing.wait(off, 1, r.untrusted)
 		if err != nil {
 			return 0, err
 		}
@@ -391,7 +490,7 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 	for off < r.size {
 		avail := r.size
 		if r.ing != nil {
-			a, err := r.ing.wait(off, 1<<20)
+			a, err := r.ing.wait(off, 1<<20, r.untrusted)
 			if err != nil {
 				return off, err
 			}
@@ -413,8 +512,9 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 }
 
 // wait blocks until at least chunk bytes past off may be read, or all that are left, and returns how
-// far the readable bytes go. The last byte waits for verification.
-func (ing *ingestion) wait(off, chunk int64) (int64, error) {
+// far the readable bytes go. The last byte waits for verification, and so, for trusted readers, does
+// every byte from an untrusted source.
+func (ing *ingestion) wait(off, chunk int64, untrusted bool) (int64, error) {
 	ing.mu.Lock()
 	defer ing.mu.Unlock()
 	want := min(off+chunk, ing.size)
@@ -425,7 +525,11 @@ func (ing *ingestion) wait(off, chunk int64) (int64, error) {
 		if ing.err != nil {
 			return 0, ing.err
 		}
-		if avail := min(ing.written, ing.size-1); avail > off && ing.written >= want {
+		limit := ing.written
+		if !untrusted && ing.heldFrom >= 0 {
+			limit = min(limit, ing.heldFrom)
+		}
+		if avail := min(limit, ing.size-1); avail > off && limit >= want {
 			return avail, nil
 		}
 		ing.cond.Wait()

@@ -273,3 +273,119 @@ func TestFetchRejectsOversizedBody(t *testing.T) {
 		t.Fatalf("blob from a source that sent too much was kept: %v", err)
 	}
 }
+
+// A trusted source serves the first part, an untrusted one (a peer) the rest with a flipped byte, then
+// a good untrusted one takes over. Clients must never see an untrusted byte before verification, the
+// bad source must be rejected, and the fetch must go again from where the untrusted part began.
+func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 4<<20)
+	const trustedPart = 1 << 20
+	var calls atomic.Int32
+	var rejected []string
+	var mu sync.Mutex
+	peerGate := make(chan struct{})
+	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
+		reject := func(name string) func(error) {
+			return func(err error) {
+				if !errors.Is(err, ErrDigestMismatch) {
+					t.Errorf("reject %s: %v, want ErrDigestMismatch", name, err)
+				}
+				mu.Lock()
+				rejected = append(rejected, name)
+				mu.Unlock()
+			}
+		}
+		switch calls.Add(1) {
+		case 1: // trusted, breaks off
+			return &Fetched{Body: io.NopCloser(io.MultiReader(bytes.NewReader(data[:trustedPart]), errReader{io.ErrUnexpectedEOF})), Size: int64(len(data)), Source: "upstream"}, nil
+		case 2: // a bad peer: waits at the gate, then sends a corrupt rest
+			if off != trustedPart {
+				t.Errorf("bad peer asked from %d, want %d", off, trustedPart)
+			}
+			bad := append([]byte{}, data[off:]...)
+			bad[len(bad)/2] ^= 0xff
+			body := io.MultiReader(bytes.NewReader(bad[:1<<20]), gated{peerGate}, bytes.NewReader(bad[1<<20:]))
+			return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("bad")}, nil
+		default:
+			if off != trustedPart {
+				t.Errorf("after rejection, asked from %d, want %d", off, trustedPart)
+			}
+			return &Fetched{Body: io.NopCloser(bytes.NewReader(data[off:])), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("good")}, nil
+		}
+	}
+	client, err := s.Fetch(context.Background(), d, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	peerView, err := s.Reader(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peerView.Close()
+
+	// While the bad peer is held at its gate, a peer reader gets its bytes, a client does not.
+	buf := make([]byte, 1024)
+	if _, err := peerView.ReadAt(buf, trustedPart+1000); err != nil {
+		t.Fatalf("peer reader of untrusted bytes: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := client.ReadAt(buf, trustedPart+1000)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("client read an untrusted byte before verification (err %v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(peerGate)
+	got, err := io.ReadAll(io.NewSectionReader(client, 0, client.Size()))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("client read: %v (%d bytes, equal %v)", err, len(got), bytes.Equal(got, data))
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("held client read: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(rejected) != 1 || rejected[0] != "bad" {
+		t.Fatalf("rejected %v, want just the bad source", rejected)
+	}
+	// The reader has its last byte once the blob verified; the commit follows.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, err := s.Stat(d); err != nil; _, err = s.Stat(d) {
+		if time.Now().After(deadline) {
+			t.Fatalf("blob not kept after the good source: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Untrusted bytes that never verify are dropped after a bounded number of rounds.
+func TestFetchGivesUpOnUntrustedSourcesThatNeverVerify(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	data, d := randomBlob(t, 1<<20)
+	var calls atomic.Int32
+	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
+		calls.Add(1)
+		bad := append([]byte{}, data[off:]...)
+		bad[len(bad)-1] ^= 1
+		return &Fetched{Body: io.NopCloser(bytes.NewReader(bad)), Size: int64(len(data)), Source: "peer", Untrusted: true}, nil
+	}
+	r, err := s.Fetch(context.Background(), d, fetch)
+	if err == nil {
+		defer r.Close()
+		_, err = io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	}
+	if !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("read: %v, want ErrDigestMismatch", err)
+	}
+	if n := calls.Load(); n != maxVerifyRounds {
+		t.Fatalf("%d rounds, want %d", n, maxVerifyRounds)
+	}
+	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("corrupt blob kept: %v", err)
+	}
+}
