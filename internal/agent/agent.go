@@ -10,10 +10,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -22,6 +26,7 @@ import (
 	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/peering"
 	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
@@ -47,7 +52,17 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	// The store announces what it holds and what it is fetching through the peering node, which
+	// needs the store to start: the hooks find the node once it is there.
+	var node atomic.Pointer[peering.Node]
+	announce := func(d digest.Digest) {
+		if n := node.Load(); n != nil {
+			n.Announce(d)
+		}
+	}
 	store, err := content.Open(filepath.Join(cfg.DataDir, "content"), content.Options{
+		OnCommit:      announce,
+		OnFetch:       announce,
 		MaxBytes:      int64(cfg.Cache.MaxBytes),
 		HighWatermark: cfg.Cache.HighWatermark,
 		LowWatermark:  cfg.Cache.LowWatermark,
@@ -72,9 +87,25 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	m, err := mirror.New(mirror.Options{
+	trusted := source.NewChain(source.Link{Source: upstream, ResolveTags: true})
+	chain := trusted
+	var m *mirror.Mirror
+	if cfg.Peering.Enabled() {
+		n, err := startPeering(ctx, cfg, store, reg, log.With("component", "peering"), trusted, func() *mirror.Mirror { return m })
+		if err != nil {
+			return err
+		}
+		defer n.Close()
+		node.Store(n)
+		// Peers first for content; for tags, only after the registry, and only if allowed.
+		chain = source.NewChain(
+			source.Link{Source: n.Source(), TagFallback: cfg.Peering.ResolveTags},
+			source.Link{Source: upstream, ResolveTags: true},
+		)
+	}
+	m, err = mirror.New(mirror.Options{
 		Store:           store,
-		Source:          source.NewChain(source.Link{Source: upstream, ResolveTags: true}),
+		Source:          chain,
 		DefaultRegistry: cfg.DefaultRegistry,
 		Registries:      cfg.Registries,
 		TagTTL:          time.Duration(cfg.TagTTL),
@@ -95,6 +126,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	api := http.NewServeMux()
 	api.Handle("/v2/", m)
 	api.Handle("/v2", m)
+	if n := node.Load(); n != nil {
+		api.Handle(peering.InfoPath, n.InfoHandler())
+	}
 	ops := api
 	var metricsLn net.Listener
 	if cfg.MetricsListen != "" {
@@ -150,6 +184,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if metricsLn != nil {
 		attrs = append(attrs, "metricsListen", metricsLn.Addr().String())
 	}
+	if n := node.Load(); n != nil {
+		attrs = append(attrs, "peerID", n.ID().String(), "peerAddrs", n.Addrs())
+	}
 	log.Info("node agent serving", attrs...)
 
 	g.Go(func() error {
@@ -168,6 +205,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return errors.Join(errs...)
 	})
 	err = g.Wait()
+	if n := node.Load(); n != nil {
+		n.Close()
+	}
 	store.Close()
 	log.Info("node agent stopped")
 	return err
@@ -237,4 +277,48 @@ func applyHostConfig(cfg Config, listenAddr string, log *slog.Logger) error {
 		return fmt.Errorf("containerd host configuration: %w", err)
 	}
 	return nil
+}
+
+// startPeering starts the node's libp2p host. Peers that ask this node to lead a fetch get it from the
+// trusted sources only, so that no request goes round the cluster.
+func startPeering(ctx context.Context, cfg Config, store *content.Store, reg prometheus.Registerer, log *slog.Logger,
+	trusted source.Source, mirrorOf func() *mirror.Mirror) (*peering.Node, error) {
+	p := cfg.Peering
+	opts := peering.Options{
+		ListenAddrs:       p.Listen,
+		Open:              p.Open,
+		DataDir:           cfg.DataDir,
+		Bootstrap:         p.Bootstrap,
+		Store:             store,
+		ReprovideInterval: time.Duration(p.ReprovideInterval),
+		ProvideRate:       p.ProvideRate,
+		Registerer:        reg,
+		Logger:            log,
+		FetchThrough: func(ctx context.Context, obj source.Object) (*content.Reader, error) {
+			m := mirrorOf()
+			if m == nil {
+				return nil, errors.New("starting")
+			}
+			return m.FetchBlob(ctx, obj, trusted)
+		},
+		CachedTag: func(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool) {
+			if m := mirrorOf(); m != nil {
+				return m.CachedTag(repo, tag)
+			}
+			return ocispec.Descriptor{}, time.Time{}, false
+		},
+	}
+	if p.KeyFile != "" {
+		psk, err := peering.LoadPSK(p.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		opts.PSK = psk
+	}
+	for _, d := range p.DNS {
+		host, port, _ := net.SplitHostPort(d)
+		n, _ := strconv.Atoi(port)
+		opts.Discover = append(opts.Discover, peering.DNSPeers{Host: host, Port: n})
+	}
+	return peering.New(ctx, opts)
 }

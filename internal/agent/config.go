@@ -39,6 +39,7 @@ type Config struct {
 	// Upstreams say how to reach registries; any other registry is reached at https://<host>.
 	Upstreams  []Upstream       `json:"upstreams,omitempty"`
 	HostConfig HostConfigConfig `json:"hostConfig"`
+	Peering    PeeringConfig    `json:"peering"`
 	Log        LogConfig        `json:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for transfers under way.
 	ShutdownTimeout Duration `json:"shutdownTimeout"`
@@ -74,6 +75,32 @@ type HostConfigConfig struct {
 	// Registries get a hosts.toml that points them at the agent.
 	Registries []string `json:"registries,omitempty"`
 }
+
+// PeeringConfig lets the agent share its cache with the other nodes' agents. Peering is on when
+// Listen names at least one address.
+type PeeringConfig struct {
+	// Listen are libp2p TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
+	Listen []string `json:"listen,omitempty"`
+	// KeyFile holds the cluster's pre-shared key (swarm.key format): only hosts with it can connect.
+	KeyFile string `json:"keyFile,omitempty"`
+	// Open runs without a key: anyone who can reach the port can fetch from the cache.
+	Open bool `json:"open,omitempty"`
+	// Bootstrap are peers' multiaddrs, ending in /p2p/<peer id>.
+	Bootstrap []string `json:"bootstrap,omitempty"`
+	// DNS is a name with one address per agent (a headless Service), as HOST:PORT where PORT is the
+	// agents' HTTP API port, which tells each agent's peer ID.
+	DNS []string `json:"dns,omitempty"`
+	// ResolveTags lets peers answer tag lookups when the registry cannot. Digests verify themselves,
+	// tags do not: turn it on only where every node is trusted alike.
+	ResolveTags bool `json:"resolveTags,omitempty"`
+	// ReprovideInterval is how often every cached digest is announced again.
+	ReprovideInterval Duration `json:"reprovideInterval,omitempty"`
+	// ProvideRate bounds announcements per second.
+	ProvideRate int `json:"provideRate,omitempty"`
+}
+
+// Enabled says whether the agent peers.
+func (p PeeringConfig) Enabled() bool { return len(p.Listen) > 0 }
 
 // LogConfig configures the structured log.
 type LogConfig struct {
@@ -160,6 +187,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("registries: %w", err))
 		}
 	}
+	errs = append(errs, c.Peering.validate()...)
 	if c.TagTTL < 0 {
 		errs = append(errs, errors.New("tagTTL must not be negative"))
 	}
@@ -266,3 +294,30 @@ func (d *Duration) Set(s string) error {
 
 func (d *Duration) String() string { return time.Duration(*d).String() }
 func (d *Duration) Type() string   { return "duration" }
+
+func (p PeeringConfig) validate() []error {
+	if !p.Enabled() {
+		if len(p.Bootstrap) > 0 || len(p.DNS) > 0 || p.KeyFile != "" {
+			return []error{errors.New("peering: bootstrap, dns and keyFile need peering.listen (--peer-listen)")}
+		}
+		return nil
+	}
+	var errs []error
+	switch {
+	case p.KeyFile == "" && !p.Open:
+		errs = append(errs, errors.New("peering: keyFile (--peer-key) is required; to let any host that reaches the port fetch from the cache, set peering.open (--peer-open)"))
+	case p.KeyFile != "" && p.Open:
+		errs = append(errs, errors.New("peering: keyFile and open exclude each other"))
+	}
+	for _, d := range p.DNS {
+		if _, port, err := net.SplitHostPort(d); err != nil {
+			errs = append(errs, fmt.Errorf("peering.dns %q: want HOST:PORT: %w", d, err))
+		} else if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
+			errs = append(errs, fmt.Errorf("peering.dns %q: bad port", d))
+		}
+	}
+	if p.ReprovideInterval < 0 || p.ProvideRate < 0 {
+		errs = append(errs, errors.New("peering: reprovideInterval and provideRate must not be negative"))
+	}
+	return errs
+}

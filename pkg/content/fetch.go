@@ -62,6 +62,9 @@ func (s *Store) Fetch(ctx context.Context, d digest.Digest, fetch FetchFunc) (*R
 			}
 		}
 		s.mu.Unlock()
+		if !ok && s.opts.OnFetch != nil {
+			s.opts.OnFetch(d)
+		}
 		return ing.reader(ctx, false)
 	}
 }

@@ -47,6 +47,9 @@ type Options struct {
 	// OnCommit and OnRemove are called, outside the store's lock, after a blob became available and after
 	// it was removed. Peering announces and withdraws digests through them.
 	OnCommit, OnRemove func(digest.Digest)
+	// OnFetch is called when a fetch starts. A blob in flight can already be read (Store.Reader), so
+	// peering announces it then, and nodes that start the same pull join this one.
+	OnFetch func(digest.Digest)
 	// StallTimeout aborts a fetch attempt whose source sent nothing for this long; the fetch then resumes
 	// from the next attempt. Default 30s.
 	StallTimeout time.Duration

@@ -99,12 +99,16 @@ func writeBlobHeaders(w http.ResponseWriter, d digest.Digest) {
 
 // fetchFunc opens the blob on the source chain, from whatever offset the store has reached.
 func (m *Mirror) fetchFunc(obj source.Object) content.FetchFunc {
+	return fetchFrom(m.source, obj)
+}
+
+func fetchFrom(src source.Source, obj source.Object) content.FetchFunc {
 	return func(ctx context.Context, offset int64) (*content.Fetched, error) {
-		c, err := m.source.Open(ctx, obj, offset)
+		c, err := src.Open(ctx, obj, offset)
 		if err != nil {
 			return nil, err
 		}
-		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source}, nil
+		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted, Reject: c.Reject}, nil
 	}
 }
 
@@ -120,4 +124,14 @@ func (r *failingReader) Read(p []byte) (int, error) {
 		r.err = err
 	}
 	return n, err
+}
+
+// FetchBlob fetches a blob into the store from src, or joins its fetch under way, as a client's GET
+// would, and returns a reader of it. Peering calls it when another node asks this one to fetch a blob
+// for the cluster: src must then be this node's trusted sources, never its peers.
+func (m *Mirror) FetchBlob(ctx context.Context, obj source.Object, src source.Source) (*content.Reader, error) {
+	if err := m.allowed(obj.Repo); err != nil {
+		return nil, err
+	}
+	return m.store.Fetch(ctx, obj.Digest, fetchFrom(src, obj))
 }

@@ -167,13 +167,21 @@ func (m *Mirror) parse(r *http.Request) (*request, error) {
 	if err != nil || !reference.IsNameOnly(repo) || reference.Domain(repo) != normalizeHost(host) {
 		return nil, errcode.ErrorCodeNameInvalid.WithMessage(fmt.Sprintf("invalid repository %q in registry %q", name, host))
 	}
-	if len(m.opts.Registries) > 0 && !slices.Contains(m.opts.Registries, reference.Domain(repo)) {
-		return nil, errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
+	if err := m.allowed(repo); err != nil {
+		return nil, err
 	}
 	if ref == "" {
 		return nil, errcode.ErrorCodeNameUnknown.WithMessage("empty reference")
 	}
 	return &request{repo: repo, kind: kind, ref: ref}, nil
+}
+
+// allowed refuses repositories of registries the mirror does not pull from.
+func (m *Mirror) allowed(repo reference.Named) error {
+	if len(m.opts.Registries) > 0 && !slices.Contains(m.opts.Registries, reference.Domain(repo)) {
+		return errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
+	}
+	return nil
 }
 
 // normalizeHost is what the reference grammar makes of a registry host (index.docker.io is docker.io).

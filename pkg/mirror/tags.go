@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/distribution/reference"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -102,4 +103,11 @@ func (c *tagCache) delete(name string) {
 			return
 		}
 	}
+}
+
+// CachedTag returns what the mirror last resolved repo:tag to, and when, however old: peers that may
+// answer tag lookups answer from it.
+func (m *Mirror) CachedTag(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool) {
+	a, ok := m.tags.get(repo.Name() + ":" + tag)
+	return a.Descriptor, a.Resolved, ok
 }

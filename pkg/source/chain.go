@@ -14,6 +14,9 @@ type Link struct {
 	// ResolveTags lets this source answer tag lookups. Digests verify themselves, tags do not: only
 	// sources trusted for the registry (its upstream, an ImageSource's own bucket or root) should.
 	ResolveTags bool
+	// TagFallback lets this source answer tag lookups only when no ResolveTags source could: peers
+	// that may answer tags are asked after the registry, not before.
+	TagFallback bool
 }
 
 // Chain asks its sources in order and returns the first answer. It is itself a Source.
@@ -26,19 +29,21 @@ func NewChain(links ...Link) *Chain { return &Chain{links: links} }
 
 func (c *Chain) Name() string { return "chain" }
 
-// Resolve asks the sources trusted with tags. It returns ErrNotFound only if every one of them said
+// Resolve asks the sources trusted with tags, then the fallbacks. It returns ErrNotFound only if every one of them said
 // not found; if any failed otherwise, the caller learns that the answer is unknown, not negative.
 func (c *Chain) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
 	var errs []error
-	for _, l := range c.links {
-		if !l.ResolveTags {
-			continue
+	for _, fallback := range []bool{false, true} {
+		for _, l := range c.links {
+			if (fallback && !l.TagFallback) || (!fallback && !l.ResolveTags) {
+				continue
+			}
+			desc, err := l.Source.Resolve(ctx, repo, tag)
+			if err == nil {
+				return desc, nil
+			}
+			errs = append(errs, err)
 		}
-		desc, err := l.Source.Resolve(ctx, repo, tag)
-		if err == nil {
-			return desc, nil
-		}
-		errs = append(errs, err)
 	}
 	return ocispec.Descriptor{}, joinErrors(errs)
 }

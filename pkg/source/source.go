@@ -49,6 +49,12 @@ type Content struct {
 	Descriptor ocispec.Descriptor
 	// Source names the source that answered; a Chain fills it in.
 	Source string
+	// Untrusted marks bytes from a source that may lie (another node): the store holds them back
+	// from clients until the whole object has verified.
+	Untrusted bool
+	// Reject, if set, is told that the bytes failed verification, so that the source can avoid
+	// whoever sent them.
+	Reject func(error)
 }
 
 // A Source can answer for content the node does not hold.

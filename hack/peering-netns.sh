@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# Peering across real links: one network namespace per node (an agent and a containerd 1.6 in each),
+# the upstream registry in a namespace of its own, all joined by veth pairs to a bridge that lives in
+# a switch namespace, so that nothing touches the host's network. The upstream's link can be shaped
+# with tc. Every namespace and process the script makes is removed when it exits, failed or not.
+#
+#   hack/peering-netns.sh test    3 nodes: node 1 pulls; the registry goes away; nodes 2 and 3 pull
+#                                 from node 1 with ctr; a node killed while serving; a node with a
+#                                 corrupt copy; a host without the key.
+#   hack/peering-netns.sh bench   8 nodes start pulling one 256 MiB image at once, upstream link shaped
+#                                 to 200 Mbit/s, peering off then on; then a warm 256 MiB blob between
+#                                 two namespaces over libp2p against plain HTTP.
+#
+# Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), IMAGEMESH_TOOLS
+# (directory with registry and crane; default: built by hack/test-deps.sh), KEEP=1 keeps the work dir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-test}
+case $mode in
+test) NODES=${NODES:-4} SIZE_MIB=${SIZE_MIB:-64} ;;
+bench) NODES=${NODES:-8} SIZE_MIB=${SIZE_MIB:-256} ;;
+*) echo "usage: $0 test|bench" >&2; exit 2 ;;
+esac
+UPSTREAM_RATE=${UPSTREAM_RATE:-200mbit}
+[ "$(id -u)" -eq 0 ] || { echo "$0: needs root (ip netns)" >&2; exit 1; }
+for c in ip tc containerd ctr curl sha256sum awk; do
+  command -v $c >/dev/null || { echo "$0: missing $c (hack/test-deps.sh installs it)" >&2; exit 1; }
+done
+tools=${IMAGEMESH_TOOLS:-$(hack/test-deps.sh)}
+for c in registry crane; do
+  [ -x "$tools/$c" ] || { echo "$0: missing $tools/$c (hack/test-deps.sh builds it)" >&2; exit 1; }
+done
+
+id=imx$$
+work=$(mktemp -d /tmp/$id.XXXX)
+pids=()
+namespaces=()
+cleanup() {
+  local rc=$?
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for ns in "${namespaces[@]}"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+  done
+  sleep 0.2
+  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null; done
+  if [ $rc -ne 0 ]; then
+    echo "--- FAILED ($rc); logs in $work" >&2
+    for f in "$work"/*.log; do echo "--- $f (end)" >&2; tail -n 20 "$f" >&2; done
+  elif [ "${KEEP:-}" != 1 ]; then
+    rm -rf "$work"
+  fi
+  left=$(ip netns list | grep -c "^$id-" || true)
+  [ "$left" -eq 0 ] || echo "cleanup: $left namespaces left" >&2
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "[$(date +%T)] $*" >&2; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+inns() { local ns=$1; shift; ip netns exec "$id-$ns" "$@"; }
+
+go build -o "$work/node-agent" ./cmd/node-agent
+
+# --- network: a bridge in the switch namespace, one veth per namespace -------------------------
+ip netns add "$id-sw"; namespaces+=("$id-sw")
+inns sw ip link add br0 type bridge
+inns sw ip link set br0 up
+inns sw ip link set lo up
+attach() { # attach NS ADDR
+  local ns=$1 addr=$2
+  ip netns add "$id-$ns"; namespaces+=("$id-$ns")
+  ip link add "$id$ns" type veth peer name eth0 netns "$id-$ns"
+  ip link set "$id$ns" netns "$id-sw"
+  inns sw ip link set "$id$ns" master br0 up
+  inns "$ns" ip addr add "$addr/24" dev eth0
+  inns "$ns" ip link set eth0 up
+  inns "$ns" ip link set lo up
+}
+up=10.77.0.254
+attach up $up
+for i in $(seq 1 "$NODES"); do attach "n$i" "10.77.0.$i"; done
+
+# --- upstream registry ----------------------------------------------------------------------------
+cat > "$work/registry.yml" <<EOF
+version: 0.1
+log: {level: warn, formatter: text, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: "$up:5000"}
+EOF
+inns up "$tools/registry" serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+pids+=($!)
+wait_http() { # wait_http NS URL
+  for _ in $(seq 1 200); do inns "$1" curl -fsS -o /dev/null "$2" 2>/dev/null && return 0; sleep 0.05; done
+  fail "no answer from $2 in namespace $1"
+}
+wait_http up "http://$up:5000/v2/"
+
+# One image of one layer of SIZE_MIB random bytes. crane pushes from node 1's namespace, before the
+# link is shaped.
+mkdir -p "$work/layer/data"
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$work/layer/data/blob.bin"
+tar -C "$work/layer" -cf "$work/layer.tar" data
+image=example.test/bench/app:v1
+inns n1 "$tools/crane" append --insecure --oci-empty-base -t "$up:5000/bench/app:v1" -f "$work/layer.tar" >/dev/null 2>"$work/crane.log"
+layer=$(inns n1 "$tools/crane" manifest --insecure "$up:5000/bench/app:v1" | sed -n 's/.*"layers":\[{[^}]*"digest":"\(sha256:[0-9a-f]*\)".*/\1/p')
+[ -n "$layer" ] || fail "no layer digest in the pushed manifest"
+layer_size=$(stat -c %s "$work/layer.tar")
+log "pushed $image ($SIZE_MIB MiB layer $layer)"
+
+if [ "$mode" = bench ]; then
+  inns up tc qdisc add dev eth0 root tbf rate "$UPSTREAM_RATE" burst 256kb latency 100ms
+  log "upstream link shaped to $UPSTREAM_RATE"
+fi
+upstream_tx() { inns up cat /sys/class/net/eth0/statistics/tx_bytes; }
+
+# --- nodes -------------------------------------------------------------------------------------------
+key="$work/swarm.key"
+printf '/key/swarm/psk/1.0.0/\n/base16/\n%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$key"
+chmod 600 "$key"
+
+# start_node I [agent flags...]: a fresh containerd and agent in namespace nI.
+start_node() {
+  local i=$1; shift
+  local d="$work/n$i" ip=10.77.0.$i
+  rm -rf "$d"; mkdir -p "$d/hosts" "$d/agent"
+  cat >"$d/containerd.toml" <<EOF
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.overlayfs"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd-ttrpc.sock"
+EOF
+  inns "n$i" containerd --config "$d/containerd.toml" >"$work/containerd-n$i.log" 2>&1 &
+  pids+=($!)
+  inns "n$i" "$work/node-agent" --listen "$ip:5000" --data-dir "$d/agent" \
+    --upstream "example.test=http://$up:5000" --hosts-dir "$d/hosts" --mirror-registry example.test \
+    --mirror-url "http://$ip:5000" "$@" >"$work/agent-n$i.log" 2>&1 &
+  pids+=($!)
+  eval "agent_pid_$i=$!"
+  wait_http "n$i" "http://$ip:5000/readyz"
+  for _ in $(seq 1 100); do [ -S "$d/containerd.sock" ] && break; sleep 0.05; done
+}
+peer_args() { echo --peer-listen "/ip4/10.77.0.$1/tcp/5001" --peer-key "$key"; }
+node1_addr() {
+  inns n1 curl -fsS "http://10.77.0.1:5000/imagemesh/v1/peer" |
+    sed -n 's/.*"id":"\([^"]*\)".*/\/ip4\/10.77.0.1\/tcp\/5001\/p2p\/\1/p'
+}
+metric() { # metric I NAME [LABEL...]: the sum of a metric's samples on node I
+  local i=$1 name=$2; shift 2
+  inns "n$i" curl -fsS "http://10.77.0.$i:5000/metrics" | grep -E "^$name(\{| )" |
+    { local f; f=$(cat); for l in "$@"; do f=$(grep -F -- "$l" <<<"$f" || true); done; echo "$f"; } |
+    awk '{s += $NF} END {printf "%.0f\n", s}'
+}
+wait_peers() { # wait_peers I N
+  for _ in $(seq 1 400); do [ "$(metric "$1" imagemesh_peering_peers)" -ge "$2" ] && return 0; sleep 0.05; done
+  fail "node $1 has $(metric "$1" imagemesh_peering_peers) peers, want $2"
+}
+pull() { # pull I [REF]: ctr pull through node I's hosts.toml
+  local i=$1 ref=${2:-$image} d="$work/n$i"
+  inns "n$i" ctr --address "$d/containerd.sock" -n imagemesh images pull --hosts-dir "$d/hosts" \
+    --snapshotter native "$ref" >>"$work/ctr-n$i.log" 2>&1
+}
+stop_nodes() {
+  for i in $(seq 1 "$NODES"); do
+    for p in $(ip netns pids "$id-n$i"); do kill "$p" 2>/dev/null || true; done
+  done
+  sleep 0.5
+  for i in $(seq 1 "$NODES"); do
+    for p in $(ip netns pids "$id-n$i"); do kill -9 "$p" 2>/dev/null || true; done
+  done
+}
+layer_ok() { # layer_ok I: node I's agent holds the layer, intact
+  local f="$work/n$1/agent/content/blobs/sha256/${layer#sha256:}"
+  [ -f "$f" ] && [ "sha256:$(sha256sum "$f" | cut -d' ' -f1)" = "$layer" ]
+}
+
+start_cluster() { # start_cluster N [peering]: nodes 1..N, node 1 first, the others bootstrap from it
+  local n=$1 peering=${2:-}
+  if [ -n "$peering" ]; then
+    start_node 1 $(peer_args 1)
+    local boot; boot=$(node1_addr)
+    for i in $(seq 2 "$n"); do start_node "$i" $(peer_args "$i") --bootstrap "$boot"; done
+    for i in $(seq 1 "$n"); do wait_peers "$i" $((n - 1)); done
+  else
+    for i in $(seq 1 "$n"); do start_node "$i"; done
+  fi
+}
+stop_node() { for p in $(ip netns pids "$id-n$1"); do kill -9 "$p" 2>/dev/null || true; done; }
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }
+
+if [ "$mode" = test ]; then
+  start_cluster 3 peering
+  log "3 nodes peered"
+  pull 1 || fail "pull on node 1"
+  for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
+
+  # The registry goes away: node 2 pulls by digest from node 1.
+  digest_ref="example.test/bench/app@$(inns n1 "$tools/crane" digest --insecure "$up:5000/bench/app:v1")"
+  kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+  pull 2 "$digest_ref" || fail "pull on node 2 with the registry down"
+  layer_ok 2 || fail "node 2 holds no intact layer"
+  [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "node 2 did not fetch the layer from a peer"
+  log "ok: node 2 pulled $digest_ref from node 1 with the registry down"
+
+  # Node 2's copy rots: node 3 skips it and gets the layer from node 1.
+  printf 'rot' | dd of="$work/n2/agent/content/blobs/sha256/${layer#sha256:}" bs=1 seek=4096 conv=notrunc 2>/dev/null
+  pull 3 "$digest_ref" || fail "pull on node 3 with a corrupt peer"
+  layer_ok 3 || fail "node 3 holds no intact layer"
+  log "ok: node 3 pulled an intact layer ($(metric 3 imagemesh_peering_bad_peer_events_total) bad-peer events)"
+
+  # A host without the key, in node 3's namespace, bootstraps from node 1: no peers, no layer.
+  printf '/key/swarm/psk/1.0.0/\n/base16/\n%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$work/other.key"
+  inns n3 "$work/node-agent" --listen 10.77.0.3:5002 --data-dir "$work/stranger" --upstream "example.test=http://$up:5000" \
+    --peer-listen /ip4/10.77.0.3/tcp/5003 --peer-key "$work/other.key" --bootstrap "$(node1_addr)" >"$work/agent-stranger.log" 2>&1 &
+  pids+=($!)
+  wait_http n3 "http://10.77.0.3:5002/readyz"
+  code=$(inns n3 curl -s -o /dev/null -w '%{http_code}' "http://10.77.0.3:5002/v2/bench/app/blobs/$layer?ns=example.test")
+  [ "$code" != 200 ] || fail "a host without the key fetched the layer"
+  peers=$(inns n3 curl -fsS http://10.77.0.3:5002/metrics | awk '/^imagemesh_peering_peers /{print $2}')
+  [ "$peers" = 0 ] || fail "a host without the key has $peers peers"
+  log "ok: a host without the key got HTTP $code and no peers"
+
+  # A peer killed while it serves. Node 2 (corrupt) leaves; nodes 1 and 3 hold the layer behind
+  # links slowed to 100 Mbit/s, so that a transfer takes seconds. Node 4 starts pulling; whichever
+  # of them serves it is killed half way; node 4 resumes on the other one.
+  stop_node 2
+  for i in 1 3; do inns "n$i" tc qdisc add dev eth0 root tbf rate 100mbit burst 256kb latency 100ms; done
+  served1=$(metric 1 imagemesh_peering_served_bytes_total); served3=$(metric 3 imagemesh_peering_served_bytes_total)
+  start_node 4 $(peer_args 4) --bootstrap "$(node1_addr)"
+  wait_peers 4 2
+  pull 4 "$digest_ref" &
+  puller=$!
+  victim=
+  for _ in $(seq 1 400); do
+    if [ $(($(metric 1 imagemesh_peering_served_bytes_total) - served1)) -gt $((8 << 20)) ]; then victim=1; break; fi
+    if [ $(($(metric 3 imagemesh_peering_served_bytes_total) - served3)) -gt $((8 << 20)) ]; then victim=3; break; fi
+    sleep 0.05
+  done
+  [ -n "$victim" ] || fail "node 4 is not fetching from node 1 or 3"
+  stop_node "$victim"
+  wait $puller || fail "pull on node 4 with node $victim killed mid-transfer"
+  layer_ok 4 || fail "node 4 holds no intact layer"
+  peer_bytes=$(metric 4 imagemesh_content_fetched_bytes_total 'source="peer"')
+  [ "$peer_bytes" -lt $((2 * (SIZE_MIB << 20))) ] || fail "node 4 fetched $peer_bytes bytes for a $SIZE_MIB MiB layer: it started over instead of resuming"
+  log "ok: node 4 pulled an intact layer with node $victim killed mid-transfer ($peer_bytes bytes from peers)"
+  log "PASS"
+  exit 0
+fi
+
+# --- bench ---------------------------------------------------------------------------------------
+declare -A wall upbytes
+for round in alone off on; do
+  stop_nodes
+  case $round in
+  alone) n=1; start_node 1 ;;
+  off) n=$NODES; start_cluster "$n" ;;
+  on) n=$NODES; start_cluster "$n" peering ;;
+  esac
+  before=$(upstream_tx)
+  start=$(date +%s.%N)
+  ps=()
+  for i in $(seq 1 $n); do pull "$i" & ps+=($!); done
+  for p in "${ps[@]}"; do wait "$p" || fail "$round: a pull failed"; done
+  end=$(date +%s.%N)
+  for i in $(seq 1 $n); do layer_ok "$i" || fail "$round: node $i holds no intact layer"; done
+  wall[$round]=$(calc "$end - $start")
+  upbytes[$round]=$(($(upstream_tx) - before))
+  log "$round: $n nodes in ${wall[$round]} s, upstream sent ${upbytes[$round]} bytes"
+done
+
+# A warm blob between two namespaces: node 1 holds the layer; a fresh node 2 fetches it over libp2p
+# (its agent, with the registry gone, asks node 1), against curl over plain HTTP from node 1's agent.
+stop_nodes
+inns up tc qdisc del dev eth0 root
+start_cluster 1 peering
+pull 1
+kill "${pids[0]}"
+start_node 2 $(peer_args 2) --bootstrap "$(node1_addr)"
+wait_peers 2 1
+for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
+blob="v2/bench/app/blobs/$layer?ns=example.test"
+http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5000/$blob")
+p2p_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.2:5000/$blob")
+layer_ok 2 || fail "node 2 holds no intact layer"
+echo
+echo "| $NODES nodes pull one $SIZE_MIB MiB image at once, upstream link $UPSTREAM_RATE | wall time | upstream bytes | × image |"
+echo "|---|---|---|---|"
+for round in alone off on; do
+  echo "| $round | ${wall[$round]} s | ${upbytes[$round]} | $(calc "${upbytes[$round]} / $layer_size") |"
+done
+echo
+echo "peering on: $(calc "${wall[on]} / ${wall[alone]}")× the time of one node alone (target < 1.5); upstream sent $(calc "${upbytes[on]} / $layer_size")× the image (target < 1.2)"
+echo "peering off: $(calc "${wall[off]} / ${wall[alone]}")× the time of one node alone; upstream sent $(calc "${upbytes[off]} / $layer_size")× the image"
+echo "warm $SIZE_MIB MiB blob, node 1 → node 2: plain HTTP $http_t s, libp2p (through node 2's agent, verified) $p2p_t s: $(calc "$http_t / $p2p_t")× (target ≥ 0.8)"

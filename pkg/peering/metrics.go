@@ -1,0 +1,56 @@
+package peering
+
+import (
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	provide, find  *prometheus.HistogramVec
+	provideDropped prometheus.Counter
+	servedBytes    prometheus.Counter
+	fetchThrough   prometheus.Counter
+	badPeer        *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer, h host.Host) *metrics {
+	m := &metrics{
+		provide: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "imagemesh_peering_provide_duration_seconds", Help: "Time to announce one digest in the cluster DHT, by result.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 9),
+		}, []string{"result"}),
+		find: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "imagemesh_peering_find_duration_seconds", Help: "Time to the first provider of a digest, or to giving up, by result.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 9),
+		}, []string{"result"}),
+		provideDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_announcements_dropped_total", Help: "Announcements dropped because the queue was full; the next reprovide round covers them.",
+		}),
+		servedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_served_bytes_total", Help: "Blob bytes sent to other nodes.",
+		}),
+		fetchThrough: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_fetch_through_total", Help: "Blobs this node fetched from its own sources because a peer asked it to lead.",
+		}),
+		badPeer: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification, by reason; the peer is skipped for that digest.",
+		}, []string{"reason"}),
+	}
+	if reg != nil {
+		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imagemesh_peering_peers", Help: "Peers connected.",
+		}, func() float64 { return float64(len(h.Network().Peers())) })
+		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer, peers)
+	}
+	return m
+}
+
+func (m *metrics) observe(h *prometheus.HistogramVec, start time.Time, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	h.WithLabelValues(result).Observe(time.Since(start).Seconds())
+}

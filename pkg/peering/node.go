@@ -1,0 +1,428 @@
+// Package peering lets the agents of a cluster share their caches. Each agent runs a libp2p host in a
+// private network (a pre-shared key: hosts without it cannot connect), finds which peers hold a digest
+// through a Kademlia DHT that is the cluster's own (protocol prefix /imagemesh, never the public IPFS
+// DHT), and fetches blobs over a stream protocol that starts at any offset, so that a transfer cut off
+// by a dying peer resumes elsewhere.
+//
+// Peers are never trusted with content: every byte goes through the content store, which verifies
+// the digest before it keeps a blob or lets a reader have its last byte.
+package peering
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/distribution/reference"
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p-kad-dht/records"
+	kb "github.com/libp2p/go-libp2p-kbucket"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/pnet"
+	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	yamuxlib "github.com/libp2p/go-yamux/v5"
+	ma "github.com/multiformats/go-multiaddr"
+	mh "github.com/multiformats/go-multihash"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+// ProtocolPrefix keeps the cluster's DHT apart from any other libp2p network.
+const ProtocolPrefix = "/imagemesh"
+
+// Options configure a Node.
+type Options struct {
+	// ListenAddrs are TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
+	ListenAddrs []string
+	// PSK is the cluster key. Nil is accepted only with Open.
+	PSK pnet.PSK
+	// Open runs without a cluster key: any host that can reach this one can fetch from it.
+	Open bool
+	// DataDir keeps the node's identity key, so that its peer ID survives restarts.
+	DataDir string
+	// Bootstrap are peers to join through, as multiaddrs ending in /p2p/<id>.
+	Bootstrap []string
+	// Store is served to peers and fills the provider records.
+	Store *content.Store
+	// ReprovideInterval re-announces every blob of the store; provider records live twice as long.
+	// Default 10m.
+	ReprovideInterval time.Duration
+	// ProvideRate bounds announcements per second, so that a node with tens of thousands of blobs
+	// does not flood the network. Default 50.
+	ProvideRate int
+	// FetchThrough, if set, lets peers ask this node to fetch a blob from its own trusted sources and
+	// stream it as it arrives. It must not ask peers in turn.
+	FetchThrough func(ctx context.Context, obj source.Object) (*content.Reader, error)
+	// CachedTag, if set, answers peers' tag lookups from what this node resolved itself.
+	CachedTag func(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool)
+	// Discover finds more peers, periodically while the node has few: DNS, Kubernetes.
+	Discover []Discoverer
+	// DiscoverInterval is how often discovery runs while the node has fewer than MinPeers. Default 30s.
+	DiscoverInterval time.Duration
+	// MinPeers is the number of peers below which the node keeps discovering. Default 8.
+	MinPeers   int
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// Node is one agent's presence in the cluster.
+type Node struct {
+	opts    Options
+	host    host.Host
+	dht     *dht.IpfsDHT
+	log     *slog.Logger
+	metrics *metrics
+
+	bad    *badPeers
+	urgent chan digest.Digest // new content, announced first
+	queue  chan digest.Digest // reprovide rounds
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	discover  []Discoverer
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New starts a node: its host listens and its DHT joins the bootstrap peers it can reach. A node
+// that reaches nobody keeps working alone and joins peers that connect to it later.
+func New(ctx context.Context, opts Options) (*Node, error) {
+	if opts.PSK == nil && !opts.Open {
+		return nil, errors.New("peering: a cluster key is required (or run open explicitly)")
+	}
+	if opts.Store == nil {
+		return nil, errors.New("peering: a content store is required")
+	}
+	if opts.ReprovideInterval == 0 {
+		opts.ReprovideInterval = 10 * time.Minute
+	}
+	if opts.ProvideRate == 0 {
+		opts.ProvideRate = 50
+	}
+	if opts.DiscoverInterval == 0 {
+		opts.DiscoverInterval = 30 * time.Second
+	}
+	if opts.MinPeers == 0 {
+		opts.MinPeers = 8
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	key, err := loadIdentity(filepath.Join(opts.DataDir, "peer-identity.key"))
+	if err != nil {
+		return nil, err
+	}
+	listen := make([]ma.Multiaddr, 0, len(opts.ListenAddrs))
+	for _, s := range opts.ListenAddrs {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("peering listen address %q: %w", s, err)
+		}
+		listen = append(listen, a)
+	}
+	bootstrap, err := addrInfos(opts.Bootstrap)
+	if err != nil {
+		return nil, err
+	}
+	hostOpts := []libp2p.Option{
+		libp2p.Identity(key),
+		libp2p.ListenAddrs(listen...),
+		// Private networks work over TCP only: QUIC, WebTransport and WebRTC cannot carry a PSK.
+		libp2p.NoTransports,
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Muxer(yamux.ID, muxer()),
+		libp2p.DisableRelay(),
+		libp2p.DisableMetrics(),
+		libp2p.ResourceManager(&network.NullResourceManager{}),
+	}
+	if opts.PSK != nil {
+		hostOpts = append(hostOpts, libp2p.PrivateNetwork(opts.PSK))
+	}
+	h, err := libp2p.New(hostOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("peering: start host: %w", err)
+	}
+	kad, err := dht.New(h,
+		dht.Mode(dht.ModeServer),
+		dht.ProtocolPrefix(ProtocolPrefix),
+		dht.DisableValues(),
+		// Records of blobs a node evicted expire: it stops reproviding them.
+		dht.ProviderManagerOpts(records.ProvideValidity(2*opts.ReprovideInterval)),
+		dht.BootstrapPeers(bootstrap...),
+	)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("peering: start DHT: %w", err)
+	}
+	n := &Node{
+		opts:    opts,
+		host:    h,
+		dht:     kad,
+		log:     opts.Logger,
+		metrics: newMetrics(opts.Registerer, h),
+		bad:     newBadPeers(10 * time.Minute),
+		urgent:  make(chan digest.Digest, 4096),
+		queue:   make(chan digest.Digest, 1024),
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	h.SetStreamHandler(blobProtocol, n.serveBlob)
+	h.SetStreamHandler(tagProtocol, n.serveTag)
+	n.discover = append([]Discoverer{StaticPeers(bootstrap)}, opts.Discover...)
+	n.join(ctx)
+	if err := kad.Bootstrap(ctx); err != nil {
+		n.log.Warn("DHT bootstrap", "err", err)
+	}
+	n.wg.Add(3)
+	go n.provideLoop()
+	go n.reprovideLoop()
+	go n.discoverLoop()
+	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "private", opts.PSK != nil)
+	return n, nil
+}
+
+// ID is the node's peer ID.
+func (n *Node) ID() peer.ID { return n.host.ID() }
+
+// Addrs are the node's full multiaddrs, /p2p/<id> included, as other nodes bootstrap from them.
+func (n *Node) Addrs() []string {
+	var out []string
+	for _, a := range n.host.Addrs() {
+		out = append(out, a.String()+"/p2p/"+n.host.ID().String())
+	}
+	return out
+}
+
+// Peers is the number of peers connected.
+func (n *Node) Peers() int { return len(n.host.Network().Peers()) }
+
+// Connect dials a peer given as a multiaddr ending in /p2p/<id>.
+func (n *Node) Connect(ctx context.Context, addr string) error {
+	infos, err := addrInfos([]string{addr})
+	if err != nil {
+		return err
+	}
+	return n.host.Connect(ctx, infos[0])
+}
+
+// Announce queues d to be provided, ahead of reprovide rounds. It never blocks: when the queue is
+// full, the next reprovide round covers what was dropped.
+func (n *Node) Announce(d digest.Digest) {
+	select {
+	case n.urgent <- d:
+	default:
+		n.metrics.provideDropped.Inc()
+	}
+}
+
+// Close stops announcing and closes the host. It may be called more than once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.cancel()
+		n.wg.Wait()
+		n.closeErr = errors.Join(n.dht.Close(), n.host.Close())
+	})
+	return n.closeErr
+}
+
+// provideWorkers is how many announcements may be under way at once: each is a DHT lookup and a few
+// RPCs, mostly waiting on the network.
+const provideWorkers = 4
+
+// provideLoop announces queued digests, new content first, at most ProvideRate a second, so that a
+// node with tens of thousands of blobs spreads its announcements instead of flooding the cluster.
+func (n *Node) provideLoop() {
+	defer n.wg.Done()
+	tick := time.NewTicker(time.Second / time.Duration(n.opts.ProvideRate))
+	defer tick.Stop()
+	sem := make(chan struct{}, provideWorkers)
+	var workers sync.WaitGroup
+	defer workers.Wait()
+	for {
+		var d digest.Digest
+		select {
+		case <-n.ctx.Done():
+			return
+		case d = <-n.urgent:
+		default:
+			select {
+			case <-n.ctx.Done():
+				return
+			case d = <-n.urgent:
+			case d = <-n.queue:
+			}
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		c, err := DigestCID(d)
+		if err != nil {
+			continue
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case sem <- struct{}{}:
+		}
+		workers.Add(1)
+		go func() {
+			defer func() { <-sem; workers.Done() }()
+			start := time.Now()
+			ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+			err := n.dht.Provide(ctx, c, true)
+			cancel()
+			n.metrics.observe(n.metrics.provide, start, err)
+			if err != nil && n.ctx.Err() == nil {
+				n.log.Debug("provide failed; the next round retries", "digest", d, "err", err)
+			}
+		}()
+	}
+}
+
+func (n *Node) reprovideLoop() {
+	defer n.wg.Done()
+	tick := time.NewTicker(n.opts.ReprovideInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		// Blobs evicted since the last round are not in the walk: their records expire.
+		n.opts.Store.Walk(func(info content.Info) error {
+			select {
+			case n.queue <- info.Digest:
+				return nil
+			case <-n.ctx.Done():
+				return n.ctx.Err()
+			}
+		})
+	}
+}
+
+// DigestCID is the DHT key of a digest: a CIDv1 with the raw codec over the digest's own multihash,
+// the CID the same bytes have as a single raw block in IPFS.
+func DigestCID(d digest.Digest) (cid.Cid, error) {
+	if err := d.Validate(); err != nil {
+		return cid.Cid{}, err
+	}
+	code := uint64(mh.SHA2_256)
+	switch d.Algorithm() {
+	case digest.SHA256:
+	case digest.SHA512:
+		code = mh.SHA2_512
+	default:
+		return cid.Cid{}, fmt.Errorf("no multihash for %s", d.Algorithm())
+	}
+	raw, err := hex.DecodeString(d.Encoded())
+	if err != nil {
+		return cid.Cid{}, err
+	}
+	m, err := mh.Encode(raw, code)
+	if err != nil {
+		return cid.Cid{}, err
+	}
+	return cid.NewCidV1(cid.Raw, m), nil
+}
+
+// muxer is libp2p's yamux with larger frames: blobs are the traffic, and a 64 KiB frame costs a
+// header, a window update and a pass through each cipher layer for every 64 KiB of a layer.
+func muxer() *yamux.Transport {
+	cfg := *(*yamuxlib.Config)(yamux.DefaultTransport)
+	cfg.MaxMessageSize = 1<<20
+	cfg.ReadBufSize = 1<<20
+	return (*yamux.Transport)(&cfg)
+}
+
+// leader is the node that fetches d through for the others when nobody has it yet: of this node and
+// the peers in its routing table, the one closest to d's key. In a cluster where every node knows every
+// other, all agree; where views differ, a few nodes fetch from upstream instead of one.
+func (n *Node) leader(d digest.Digest) (peer.ID, bool) {
+	c, err := DigestCID(d)
+	if err != nil {
+		return "", false
+	}
+	key := string(c.Hash())
+	nearest := n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)
+	if len(nearest) == 0 || kb.Closer(n.host.ID(), nearest[0], key) {
+		return "", false
+	}
+	return nearest[0], true
+}
+
+// reject records that p sent bad bytes for d: p is skipped for d for a while.
+func (n *Node) reject(p peer.ID, d digest.Digest, reason string, err error) {
+	n.bad.add(p, d)
+	n.metrics.badPeer.WithLabelValues(reason).Inc()
+	n.log.Warn("peer sent bad content; skipping it for this digest", "peer", p, "digest", d, "reason", reason, "err", err)
+}
+
+// badPeers remembers, for a while, which peer failed which digest.
+type badPeers struct {
+	ttl time.Duration
+	mu  sync.Mutex
+	m   map[badKey]time.Time
+}
+
+type badKey struct {
+	p peer.ID
+	d digest.Digest
+}
+
+func newBadPeers(ttl time.Duration) *badPeers {
+	return &badPeers{ttl: ttl, m: make(map[badKey]time.Time)}
+}
+
+func (b *badPeers) add(p peer.ID, d digest.Digest) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := time.Now()
+	for k, t := range b.m {
+		if now.Sub(t) > b.ttl {
+			delete(b.m, k)
+		}
+	}
+	b.m[badKey{p, d}] = now
+}
+
+func (b *badPeers) has(p peer.ID, d digest.Digest) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	t, ok := b.m[badKey{p, d}]
+	return ok && time.Since(t) < b.ttl
+}
+
+func addrInfos(addrs []string) ([]peer.AddrInfo, error) {
+	var out []peer.AddrInfo
+	for _, s := range addrs {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("peer address %q: %w", s, err)
+		}
+		info, err := peer.AddrInfoFromP2pAddr(a)
+		if err != nil {
+			return nil, fmt.Errorf("peer address %q: want a multiaddr ending in /p2p/<peer id>: %w", s, err)
+		}
+		out = append(out, *info)
+	}
+	return out, nil
+}
+
+var _ network.StreamHandler = (*Node)(nil).serveBlob

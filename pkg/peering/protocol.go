@@ -1,0 +1,413 @@
+package peering
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/distribution/reference"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+// The two stream protocols. Each exchange is one JSON request line, one JSON answer line, then, for
+// blobs, the bytes from the requested offset to the end.
+const (
+	blobProtocol = ProtocolPrefix + "/blob/1.0.0"
+	tagProtocol  = ProtocolPrefix + "/tag/1.0.0"
+)
+
+type blobRequest struct {
+	Digest digest.Digest `json:"digest"`
+	Offset int64         `json:"offset"`
+	// Stat asks for the size only.
+	Stat bool `json:"stat,omitempty"`
+	// Through asks the node to fetch the blob from its own trusted sources if it has not got it, and
+	// to stream it as it arrives. Repo names where it lives; Kind is always a blob.
+	Through bool   `json:"through,omitempty"`
+	Repo    string `json:"repo,omitempty"`
+}
+
+type blobAnswer struct {
+	Size  int64  `json:"size"`
+	Error string `json:"error,omitempty"`
+}
+
+type tagRequest struct {
+	Repo string `json:"repo"`
+	Tag  string `json:"tag"`
+}
+
+type tagAnswer struct {
+	Descriptor ocispec.Descriptor `json:"descriptor"`
+	Resolved   time.Time          `json:"resolved"`
+	Error      string             `json:"error,omitempty"`
+}
+
+// maxRequestLine bounds what a peer can make a node read before it answers.
+const maxRequestLine = 4096
+
+func readLine(r io.Reader, v any) error {
+	line, err := bufio.NewReader(io.LimitReader(r, maxRequestLine)).ReadBytes('\n')
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(line, v)
+}
+
+func writeLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+func (n *Node) serveBlob(s network.Stream) {
+	defer s.Close()
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var req blobRequest
+	if err := readLine(s, &req); err != nil || req.Digest.Validate() != nil || req.Offset < 0 {
+		writeLine(s, blobAnswer{Error: "bad request"})
+		return
+	}
+	s.SetReadDeadline(time.Time{})
+	rd, err := n.blobReader(req)
+	if err != nil {
+		writeLine(s, blobAnswer{Error: err.Error()})
+		return
+	}
+	defer rd.Close()
+	if req.Offset > rd.Size() {
+		writeLine(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
+		return
+	}
+	if err := writeLine(s, blobAnswer{Size: rd.Size()}); err != nil || req.Stat {
+		return
+	}
+	// A blob still arriving is sent as it arrives; a reader that fails (the blob did not verify)
+	// resets the stream, so that the peer never takes a short blob for a whole one.
+	buf := sendBuffers.Get().(*[]byte)
+	defer sendBuffers.Put(buf)
+	sent, err := io.CopyBuffer(s, io.NewSectionReader(rd, req.Offset, rd.Size()-req.Offset), *buf)
+	n.metrics.servedBytes.Add(float64(sent))
+	if err != nil {
+		s.Reset()
+	}
+}
+
+// blobReader finds what a peer asked for: in the store, in flight, or, if asked and allowed, fetched
+// now from this node's trusted sources.
+func (n *Node) blobReader(req blobRequest) (*content.Reader, error) {
+	ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+	defer cancel()
+	rd, err := n.opts.Store.Reader(ctx, req.Digest)
+	if err == nil || !req.Through || req.Stat || n.opts.FetchThrough == nil {
+		if err != nil {
+			return nil, errors.New(errNotHere)
+		}
+		return rd, nil
+	}
+	repo, err := reference.ParseNamed(req.Repo)
+	if err != nil {
+		return nil, fmt.Errorf("bad repository %q", req.Repo)
+	}
+	rd, err = n.opts.FetchThrough(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: req.Digest})
+	if err != nil {
+		n.log.Debug("fetch for a peer failed", "digest", req.Digest, "repo", req.Repo, "err", err)
+		return nil, fmt.Errorf("fetch through: %v", err)
+	}
+	n.metrics.fetchThrough.Inc()
+	// The fetch was started for the peer; its own reader verifies. Serve the peer's view of it.
+	rd.Close()
+	return n.opts.Store.Reader(ctx, req.Digest)
+}
+
+const errNotHere = "not found"
+
+// sendBuffers are what blobs go out through: large writes cross the stream muxer, the secure channel
+// and the private network's cipher in few, large frames.
+var sendBuffers = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+func (n *Node) serveTag(s network.Stream) {
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(10 * time.Second))
+	var req tagRequest
+	if err := readLine(s, &req); err != nil {
+		writeLine(s, tagAnswer{Error: "bad request"})
+		return
+	}
+	repo, err := reference.ParseNamed(req.Repo)
+	if err != nil || !reference.TagRegexp.MatchString(req.Tag) || n.opts.CachedTag == nil {
+		writeLine(s, tagAnswer{Error: "bad request"})
+		return
+	}
+	desc, resolved, ok := n.opts.CachedTag(repo, req.Tag)
+	if !ok {
+		writeLine(s, tagAnswer{Error: errNotHere})
+		return
+	}
+	writeLine(s, tagAnswer{Descriptor: desc, Resolved: resolved})
+}
+
+// verifyLimit is the size up to which objects from peers are read whole and verified before they are
+// handed on: manifests and small blobs cost nothing to hold, and a bad peer is then skipped at once.
+const verifyLimit = source.MaxManifestSize
+
+// Source is the peers of the cluster as a source.Source. Peers answer for digests; they answer tag
+// lookups (from what they resolved themselves) only when the chain links this source with TagFallback.
+type Source struct {
+	node *Node
+	// FindTimeout bounds the search for providers of one digest. Default 3s.
+	FindTimeout time.Duration
+	// MaxProviders bounds how many providers are tried for one digest. Default 8.
+	MaxProviders int
+}
+
+// Source returns the node's peers as a source.
+func (n *Node) Source() *Source {
+	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 8}
+}
+
+func (s *Source) Name() string { return "peer" }
+
+// Resolve asks connected peers what they resolved the tag to, and takes the most recent answer.
+func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
+	n := s.node
+	peers := n.host.Network().Peers()
+	if len(peers) > s.MaxProviders {
+		peers = peers[:s.MaxProviders]
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.FindTimeout)
+	defer cancel()
+	answers := make(chan tagAnswer, len(peers))
+	for _, p := range peers {
+		go func() {
+			var ans tagAnswer
+			st, err := n.host.NewStream(ctx, p, tagProtocol)
+			if err != nil {
+				ans.Error = err.Error()
+				answers <- ans
+				return
+			}
+			defer st.Close()
+			st.SetDeadline(time.Now().Add(s.FindTimeout))
+			if err := writeLine(st, tagRequest{Repo: repo.Name(), Tag: tag}); err != nil {
+				ans.Error = err.Error()
+			} else if err := readLine(st, &ans); err != nil {
+				ans.Error = err.Error()
+			}
+			answers <- ans
+		}()
+	}
+	var best *tagAnswer
+	for range peers {
+		ans := <-answers
+		if ans.Error != "" || ans.Descriptor.Digest.Validate() != nil {
+			continue
+		}
+		if best == nil || ans.Resolved.After(best.Resolved) {
+			best = &ans
+		}
+	}
+	if best == nil {
+		return ocispec.Descriptor{}, fmt.Errorf("no peer knows %s:%s: %w", repo.Name(), tag, source.ErrNotFound)
+	}
+	return best.Descriptor, nil
+}
+
+func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
+	c, err := s.open(ctx, obj, 0, true)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	c.Close()
+	return c.Descriptor, nil
+}
+
+// Open asks the peers that announced the digest, in turn. If none did, it asks the node that leads
+// for the digest to fetch it through: when many nodes start the same cold pull at once, they all ask
+// the same node, and the upstream serves the blob about once.
+func (s *Source) Open(ctx context.Context, obj source.Object, offset int64) (*source.Content, error) {
+	return s.open(ctx, obj, offset, false)
+}
+
+func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat bool) (*source.Content, error) {
+	n := s.node
+	key, err := DigestCID(obj.Digest)
+	if err != nil {
+		return nil, fmt.Errorf("peers: %w", err)
+	}
+	fctx, cancel := context.WithTimeout(ctx, s.FindTimeout)
+	defer cancel()
+	start := time.Now()
+	var errs []error
+	found, tried := false, map[string]bool{}
+	for info := range n.dht.FindProvidersAsync(fctx, key, s.MaxProviders) {
+		if info.ID == n.host.ID() || n.bad.has(info.ID, obj.Digest) || tried[string(info.ID)] {
+			continue
+		}
+		tried[string(info.ID)] = true
+		if !found {
+			found = true
+			n.metrics.observe(n.metrics.find, start, nil)
+		}
+		if len(info.Addrs) > 0 {
+			n.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Minute)
+		}
+		c, err := s.fetch(ctx, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
+		if err == nil {
+			return c, nil
+		}
+		errs = append(errs, err)
+	}
+	if !found {
+		n.metrics.observe(n.metrics.find, start, errors.New("none"))
+	}
+	if !stat && obj.Kind == source.KindBlob {
+		if leader, ok := n.leader(obj.Digest); ok && !tried[string(leader)] && !n.bad.has(leader, obj.Digest) {
+			c, err := s.fetch(ctx, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
+			if err == nil {
+				return c, nil
+			}
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 {
+		n.log.Debug("no peer has it", "digest", obj.Digest, "kind", obj.Kind, "after", time.Since(start))
+		return nil, fmt.Errorf("no peer has %s: %w", obj.Digest, source.ErrNotFound)
+	}
+	n.log.Debug("peers failed", "digest", obj.Digest, "kind", obj.Kind, "err", errors.Join(errs...))
+	// Peers that failed are not a verdict on the object: the next source decides.
+	return nil, fmt.Errorf("%w: %w", source.ErrNotFound, errors.Join(errs...))
+}
+
+// fetch opens one object on one peer. Small objects are read whole and verified here, so that a bad
+// peer is skipped at once; larger ones stream, marked untrusted, and the store verifies them.
+func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, error) {
+	n := s.node
+	manifest := r.obj.Kind == source.KindManifest
+	offset := r.offset
+	if manifest {
+		offset = 0
+	}
+	c, err := n.request(ctx, r.peer, blobRequest{Digest: r.obj.Digest, Offset: offset, Stat: r.stat, Through: r.through, Repo: r.obj.Repo.Name()})
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
+	}
+	if r.stat {
+		return c, nil
+	}
+	if c.Descriptor.Size > verifyLimit || offset > 0 {
+		if manifest {
+			c.Close()
+			n.reject(r.peer, r.obj.Digest, "oversized", nil)
+			return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
+		}
+		c.Untrusted = true
+		c.Reject = func(err error) { n.reject(r.peer, r.obj.Digest, "digest_mismatch", err) }
+		return c, nil
+	}
+	defer c.Close()
+	body, err := io.ReadAll(io.LimitReader(c, verifyLimit+1))
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
+	}
+	if int64(len(body)) != c.Descriptor.Size || r.obj.Digest.Algorithm().FromBytes(body) != r.obj.Digest {
+		n.reject(r.peer, r.obj.Digest, "digest_mismatch", nil)
+		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, content.ErrDigestMismatch)
+	}
+	return &source.Content{
+		ReadCloser: io.NopCloser(bytes.NewReader(body[min(r.offset, int64(len(body))):])),
+		Descriptor: c.Descriptor,
+		Source:     s.Name(),
+	}, nil
+}
+
+type peerRequest struct {
+	peer    peer.ID
+	obj     source.Object
+	offset  int64
+	stat    bool
+	through bool
+}
+
+// request opens a blob stream on a peer and reads its answer line.
+func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source.Content, error) {
+	octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := n.host.NewStream(octx, p, blobProtocol)
+	if err != nil {
+		return nil, err
+	}
+	// A fetch through waits for the upstream's first answer; a plain one only for the peer's disk.
+	wait := 10 * time.Second
+	if req.Through {
+		wait = 40 * time.Second
+	}
+	st.SetDeadline(time.Now().Add(wait))
+	if err := writeLine(st, req); err != nil {
+		st.Reset()
+		return nil, err
+	}
+	br := bufio.NewReader(st)
+	line, err := br.ReadSlice('\n')
+	var ans blobAnswer
+	if err == nil {
+		err = json.Unmarshal(line, &ans)
+	}
+	if err == nil && ans.Error != "" {
+		err = errors.New(ans.Error)
+	}
+	if err == nil && ans.Size < 0 {
+		err = fmt.Errorf("bad size %d", ans.Size)
+	}
+	if err != nil {
+		st.Reset()
+		return nil, err
+	}
+	// Stalls from here on are the content store's to detect: it cuts off a source that goes quiet.
+	st.SetDeadline(time.Time{})
+	return &source.Content{
+		ReadCloser: &peerStream{Reader: br, s: st},
+		Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: ans.Size},
+		Source:     "peer",
+	}, nil
+}
+
+// peerStream is a blob arriving from a peer.
+type peerStream struct {
+	io.Reader
+	s   network.Stream
+	eof bool
+}
+
+func (p *peerStream) Read(b []byte) (int, error) {
+	n, err := p.Reader.Read(b)
+	if err == io.EOF {
+		p.eof = true
+	}
+	return n, err
+}
+
+// Close closes a stream read to its end, and resets one abandoned half way.
+func (p *peerStream) Close() error {
+	if p.eof {
+		return p.s.Close()
+	}
+	return p.s.Reset()
+}
+
+var _ source.Source = (*Source)(nil)
