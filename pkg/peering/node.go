@@ -346,8 +346,8 @@ func DigestCID(d digest.Digest) (cid.Cid, error) {
 // header, a window update and a pass through each cipher layer for every 64 KiB of a layer.
 func muxer() *yamux.Transport {
 	cfg := *(*yamuxlib.Config)(yamux.DefaultTransport)
-	cfg.MaxMessageSize = 1<<20
-	cfg.ReadBufSize = 1<<20
+	cfg.MaxMessageSize = 1 << 20
+	cfg.ReadBufSize = 1 << 20
 	return (*yamux.Transport)(&cfg)
 }
 

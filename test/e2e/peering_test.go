@@ -293,4 +293,3 @@ func manifestLayers(t *testing.T, manifestURL string) []digest.Digest {
 	}
 	return out
 }
-
