@@ -60,6 +60,8 @@ trap 'exit 130' INT TERM
 
 log() { echo "[$(date +%T)] $*" >&2; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# inns NS CMD... runs CMD in namespace NS. Processes started in the background call ip netns exec
+# directly, so that $! is the process itself (a backgrounded function would be a subshell).
 inns() { local ns=$1; shift; ip netns exec "$id-$ns" "$@"; }
 
 go build -o "$work/node-agent" ./cmd/node-agent
@@ -90,7 +92,7 @@ log: {level: warn, formatter: text, accesslog: {disabled: true}}
 storage: {filesystem: {rootdirectory: $work/registry}}
 http: {addr: "$up:5000"}
 EOF
-inns up "$tools/registry" serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+ip netns exec "$id-up" "$tools/registry" serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 pids+=($!)
 wait_http() { # wait_http NS URL
   for _ in $(seq 1 200); do inns "$1" curl -fsS -o /dev/null "$2" 2>/dev/null && return 0; sleep 0.05; done
@@ -136,9 +138,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 [ttrpc]
   address = "$d/containerd-ttrpc.sock"
 EOF
-  inns "n$i" containerd --config "$d/containerd.toml" >"$work/containerd-n$i.log" 2>&1 &
+  ip netns exec "$id-n$i" containerd --config "$d/containerd.toml" >"$work/containerd-n$i.log" 2>&1 &
   pids+=($!)
-  inns "n$i" "$work/node-agent" --listen "$ip:5000" --data-dir "$d/agent" \
+  ip netns exec "$id-n$i" "$work/node-agent" --listen "$ip:5000" --data-dir "$d/agent" \
     --upstream "example.test=http://$up:5000" --hosts-dir "$d/hosts" --mirror-registry example.test \
     --mirror-url "http://$ip:5000" "$@" >"$work/agent-n$i.log" 2>&1 &
   pids+=($!)
@@ -162,7 +164,8 @@ wait_peers() { # wait_peers I N
   fail "node $1 has $(metric "$1" imagemesh_peering_peers) peers, want $2"
 }
 pull() { # pull I [REF]: ctr pull through node I's hosts.toml
-  local i=$1 ref=${2:-$image} d="$work/n$i"
+  local i=$1 ref=${2:-$image}
+  local d="$work/n$i"
   inns "n$i" ctr --address "$d/containerd.sock" -n imagemesh images pull --hosts-dir "$d/hosts" \
     --snapshotter native "$ref" >>"$work/ctr-n$i.log" 2>&1
 }
@@ -195,10 +198,13 @@ stop_node() { for p in $(ip netns pids "$id-n$1"); do kill -9 "$p" 2>/dev/null |
 calc() { awk "BEGIN { printf \"%.2f\", $* }"; }
 
 if [ "$mode" = test ]; then
-  start_cluster 3 peering
-  log "3 nodes peered"
+  # Node 1 pulls alone, so that it holds the whole image (with peers, the node that leads for a blob
+  # would fetch it); then nodes 2 and 3 join it.
+  start_node 1 $(peer_args 1)
   pull 1 || fail "pull on node 1"
-  for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
+  for i in 2 3; do start_node "$i" $(peer_args "$i") --bootstrap "$(node1_addr)"; done
+  for i in 1 2 3; do wait_peers "$i" 2; done
+  log "node 1 pulled; 3 nodes peered"
 
   # The registry goes away: node 2 pulls by digest from node 1.
   digest_ref="example.test/bench/app@$(inns n1 "$tools/crane" digest --insecure "$up:5000/bench/app:v1")"
@@ -216,12 +222,12 @@ if [ "$mode" = test ]; then
 
   # A host without the key, in node 3's namespace, bootstraps from node 1: no peers, no layer.
   printf '/key/swarm/psk/1.0.0/\n/base16/\n%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$work/other.key"
-  inns n3 "$work/node-agent" --listen 10.77.0.3:5002 --data-dir "$work/stranger" --upstream "example.test=http://$up:5000" \
-    --peer-listen /ip4/10.77.0.3/tcp/5003 --peer-key "$work/other.key" --bootstrap "$(node1_addr)" >"$work/agent-stranger.log" 2>&1 &
+  ip netns exec "$id-n3" "$work/node-agent" --listen 10.77.0.3:5002 --data-dir "$work/stranger" --upstream "example.test=http://$up:5000" \
+    --peer-listen /ip4/10.77.0.3/tcp/5003 --peer-key "$work/other.key" --log-level debug --bootstrap "$(node1_addr)" >"$work/agent-stranger.log" 2>&1 &
   pids+=($!)
   wait_http n3 "http://10.77.0.3:5002/readyz"
   code=$(inns n3 curl -s -o /dev/null -w '%{http_code}' "http://10.77.0.3:5002/v2/bench/app/blobs/$layer?ns=example.test")
-  [ "$code" != 200 ] || fail "a host without the key fetched the layer"
+  [ "$code" != 200 ] || fail "a host without the key fetched the layer (HTTP $code)"
   peers=$(inns n3 curl -fsS http://10.77.0.3:5002/metrics | awk '/^imagemesh_peering_peers /{print $2}')
   [ "$peers" = 0 ] || fail "a host without the key has $peers peers"
   log "ok: a host without the key got HTTP $code and no peers"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
-#   - Debian packages: containerd (1.6), runc, skopeo, iproute2
+#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x
 set -euo pipefail
@@ -11,6 +11,7 @@ command -v containerd >/dev/null || missing+=(containerd)
 command -v runc >/dev/null || missing+=(runc)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
