@@ -62,9 +62,6 @@ func (s *Store) Fetch(ctx context.Context, d digest.Digest, fetch FetchFunc) (*R
 			}
 		}
 		s.mu.Unlock()
-		if !ok && s.opts.OnFetch != nil {
-			s.opts.OnFetch(d)
-		}
 		return ing.reader(ctx, false)
 	}
 }
@@ -89,6 +86,12 @@ func (s *Store) Reader(ctx context.Context, d digest.Digest) (*Reader, error) {
 			return &Reader{f: f, size: info.Size, source: "local"}, nil
 		}
 		return nil, fmt.Errorf("%s: %w", d, ErrNotFound)
+	}
+	select {
+	case <-ing.sized:
+	default:
+		// No source has answered yet: waiting could be waiting on the asker itself.
+		return nil, fmt.Errorf("%s: fetch not started: %w", d, ErrNotFound)
 	}
 	return ing.reader(ctx, true)
 }
@@ -263,7 +266,8 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	defer fetched.Body.Close()
 
 	ing.mu.Lock()
-	if ing.size < 0 {
+	first := ing.size < 0
+	if first {
 		ing.size, ing.source = fetched.Size, fetched.Source
 		close(ing.sized)
 	} else {
@@ -279,6 +283,9 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	}
 	size := ing.size
 	ing.mu.Unlock()
+	if first && s.opts.OnFetch != nil {
+		s.opts.OnFetch(ing.d)
+	}
 	if fetched.Size != size {
 		return false, fmt.Errorf("fetch %s from %s: size %d, earlier %d: %w", ing.d, fetched.Source, fetched.Size, size, ErrSizeMismatch)
 	}

@@ -47,8 +47,10 @@ type Options struct {
 	// OnCommit and OnRemove are called, outside the store's lock, after a blob became available and after
 	// it was removed. Peering announces and withdraws digests through them.
 	OnCommit, OnRemove func(digest.Digest)
-	// OnFetch is called when a fetch starts. A blob in flight can already be read (Store.Reader), so
-	// peering announces it then, and nodes that start the same pull join this one.
+	// OnFetch is called when a fetch has a source answering. From then on the blob can be read in
+	// flight (Store.Reader), so peering announces it, and nodes that start the same pull join this one.
+	// Not before: a node that announced a blob it has no source for yet would have peers wait on it,
+	// and two such nodes on each other.
 	OnFetch func(digest.Digest)
 	// StallTimeout aborts a fetch attempt whose source sent nothing for this long; the fetch then resumes
 	// from the next attempt. Default 30s.

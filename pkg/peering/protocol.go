@@ -285,6 +285,10 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 			errs = append(errs, err)
 		}
 	}
+	if err := ctx.Err(); err != nil {
+		// Not a verdict on the object: the caller gave up.
+		return nil, fmt.Errorf("peers: %w", err)
+	}
 	if len(errs) == 0 {
 		n.log.Debug("no peer has it", "digest", obj.Digest, "kind", obj.Kind, "after", time.Since(start))
 		return nil, fmt.Errorf("no peer has %s: %w", obj.Digest, source.ErrNotFound)

@@ -293,3 +293,19 @@ func manifestLayers(t *testing.T, manifestURL string) []digest.Digest {
 	}
 	return out
 }
+
+// TestDNSBootstrap: an agent finds its peer through a DNS name (localhost here; a headless Service in
+// a cluster) and the agent's API, which tells the peer ID that a libp2p dial needs.
+func TestDNSBootstrap(t *testing.T) {
+	key := writeKey(t)
+	n1 := startPeer(t, "--peer-key", key)
+	_, port, _ := strings.Cut(n1.Addr, ":")
+	n2 := startPeer(t, "--peer-key", key, "--bootstrap-dns", "localhost:"+port)
+	waitMetric(t, n2, 1, "imagemesh_peering_peers")
+	waitMetric(t, n1, 1, "imagemesh_peering_peers")
+	// A name that does not resolve is no reason not to start: the agent works alone.
+	n3 := startPeer(t, "--peer-key", key, "--bootstrap-dns", "no-such-host.invalid:5000")
+	if got := n3.Metric("imagemesh_peering_peers"); got != 0 {
+		t.Fatalf("agent with an unresolvable bootstrap name has %v peers", got)
+	}
+}

@@ -1,0 +1,226 @@
+package peering
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/distribution/reference"
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/pnet"
+	mh "github.com/multiformats/go-multihash"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+	"github.com/imagemesh/imagemesh/pkg/source/sourcetest"
+)
+
+func testNode(t *testing.T, psk pnet.PSK, bootstrap ...string) *Node {
+	t.Helper()
+	store, err := content.Open(t.TempDir(), content.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	n, err := New(context.Background(), Options{
+		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, PSK: psk, DataDir: t.TempDir(), Store: store, Bootstrap: bootstrap,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}
+
+func testKey(t *testing.T) pnet.PSK {
+	t.Helper()
+	k := make(pnet.PSK, 32)
+	rand.Read(k)
+	return k
+}
+
+// waitRouting waits until every node has every other in its DHT routing table.
+func waitRouting(t *testing.T, nodes ...*Node) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for _, n := range nodes {
+		for n.dht.RoutingTable().Size() < len(nodes)-1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("node %s knows %d of %d peers", n.ID(), n.dht.RoutingTable().Size(), len(nodes)-1)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+func TestDigestCIDIsTheRawBlockCID(t *testing.T) {
+	data := []byte("hello, layer")
+	c, err := DigestCID(digest.FromBytes(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The CID IPFS gives the same bytes as one raw block.
+	want, _ := cid.V1Builder{Codec: cid.Raw, MhType: mh.SHA2_256}.Sum(data)
+	if !c.Equals(want) {
+		t.Fatalf("DigestCID = %s, want %s", c, want)
+	}
+	for _, bad := range []digest.Digest{"", "sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e"} {
+		if _, err := DigestCID(bad); err == nil {
+			t.Errorf("DigestCID(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestLoadPSK(t *testing.T) {
+	dir := t.TempDir()
+	key, err := EncodePSK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := filepath.Join(dir, "swarm.key")
+	os.WriteFile(good, key, 0o600)
+	if psk, err := LoadPSK(good); err != nil || len(psk) != 32 {
+		t.Fatalf("LoadPSK(EncodePSK()) = %d bytes, %v", len(psk), err)
+	}
+	for name, body := range map[string]string{
+		"garbage":   "not a key\n",
+		"short":     "/key/swarm/psk/1.0.0/\n/base16/\nabcd\n",
+		"bad hex":   "/key/swarm/psk/1.0.0/\n/base16/\n" + strings.Repeat("zz", 32) + "\n",
+		"bad codec": "/key/swarm/psk/1.0.0/\n/rot13/\n" + strings.Repeat("ab", 32) + "\n",
+	} {
+		p := filepath.Join(dir, strings.ReplaceAll(name, " ", "-"))
+		os.WriteFile(p, []byte(body), 0o600)
+		if _, err := LoadPSK(p); err == nil {
+			t.Errorf("%s key accepted", name)
+		}
+	}
+	if _, err := LoadPSK(filepath.Join(dir, "missing")); err == nil {
+		t.Error("missing key file accepted")
+	}
+	if _, err := New(context.Background(), Options{DataDir: dir, Store: &content.Store{}}); err == nil {
+		t.Error("node without a key and not open started")
+	}
+}
+
+// Every node of a cluster names the same leader for a digest, so that a cold pull started everywhere
+// at once is fetched from upstream by one node.
+func TestNodesAgreeOnTheLeader(t *testing.T) {
+	psk := testKey(t)
+	first := testNode(t, psk)
+	nodes := []*Node{first}
+	for i := 0; i < 4; i++ {
+		nodes = append(nodes, testNode(t, psk, first.Addrs()[0]))
+	}
+	// Everyone meets everyone, as in a small cluster after discovery.
+	for _, a := range nodes {
+		for _, b := range nodes {
+			if a != b {
+				a.Connect(context.Background(), b.Addrs()[0])
+			}
+		}
+	}
+	waitRouting(t, nodes...)
+	leaders := map[peer.ID]int{}
+	for i := 0; i < 50; i++ {
+		d := digest.FromString(strings.Repeat("x", i))
+		var agreed peer.ID
+		for j, n := range nodes {
+			l, ok := n.leader(d)
+			if !ok {
+				l = n.ID()
+			}
+			if j == 0 {
+				agreed = l
+			} else if l != agreed {
+				t.Fatalf("digest %d: node %d names leader %s, node 0 names %s", i, j, l, agreed)
+			}
+		}
+		leaders[agreed]++
+	}
+	if len(leaders) < 2 {
+		t.Fatalf("50 digests all led by one node: %v", leaders)
+	}
+}
+
+// The peers as a source meet the contract every source meets: node 1 holds a manifest and a blob,
+// node 2 reads them through its peers.
+func TestPeerSourceContract(t *testing.T) {
+	psk := testKey(t)
+	n1 := testNode(t, psk)
+	n2 := testNode(t, psk, n1.Addrs()[0])
+	waitRouting(t, n1, n2)
+	manifest := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}`)
+	blob := make([]byte, 3<<20)
+	rand.Read(blob)
+	for _, b := range [][]byte{manifest, blob} {
+		d := digest.FromBytes(b)
+		if err := n1.opts.Store.Put(d, b); err != nil {
+			t.Fatal(err)
+		}
+		c, _ := DigestCID(d)
+		if err := n1.dht.Provide(context.Background(), c, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	repo, _ := reference.ParseNamed("example.test/team/app")
+	sourcetest.Run(t, sourcetest.Fixture{
+		Source: n2.Source(), Repo: repo, Tag: "v1", Manifest: manifest,
+		MediaType: "application/vnd.oci.image.manifest.v1+json", Blob: blob, ResolvesTags: false,
+	})
+}
+
+// A peer that holds a rotten copy is found out at once for small objects, and marked untrusted for
+// large ones, whose bytes the store verifies.
+func TestPeerSourceVerifiesSmallObjectsAndMarksLargeOnesUntrusted(t *testing.T) {
+	psk := testKey(t)
+	n1 := testNode(t, psk)
+	n2 := testNode(t, psk, n1.Addrs()[0])
+	waitRouting(t, n1, n2)
+	repo, _ := reference.ParseNamed("example.test/team/app")
+	for _, size := range []int{64 << 10, verifyLimit + 1} {
+		data := make([]byte, size)
+		rand.Read(data)
+		d := digest.FromBytes(data)
+		if err := n1.opts.Store.Put(d, data); err != nil {
+			t.Fatal(err)
+		}
+		c, _ := DigestCID(d)
+		n1.dht.Provide(context.Background(), c, true)
+		f, _, _ := n1.opts.Store.Open(d)
+		path := f.Name()
+		f.Close()
+		rot, _ := os.OpenFile(path, os.O_RDWR, 0)
+		rot.WriteAt([]byte("rot"), 100)
+		rot.Close()
+
+		obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}
+		got, err := n2.Source().Open(context.Background(), obj, 0)
+		if size <= verifyLimit {
+			if !errors.Is(err, source.ErrNotFound) || !n2.bad.has(n1.ID(), d) {
+				t.Fatalf("small rotten blob: %v, bad peer recorded: %v", err, n2.bad.has(n1.ID(), d))
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(got)
+		got.Close()
+		if !got.Untrusted || got.Reject == nil || bytes.Equal(b, data) {
+			t.Fatalf("large blob from a peer: untrusted %v, reject set %v", got.Untrusted, got.Reject != nil)
+		}
+		got.Reject(content.ErrDigestMismatch)
+		if _, err := n2.Source().Open(context.Background(), obj, 0); !errors.Is(err, source.ErrNotFound) {
+			t.Fatalf("a rejected peer was asked again: %v", err)
+		}
+	}
+}
