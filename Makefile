@@ -8,7 +8,7 @@ LDFLAGS   := -X github.com/imagemesh/imagemesh/internal/agent.Version=$(VERSION)
 TOOLS_DIR  = $(HOME)/.cache/imagemesh/tools/bin
 TESTFLAGS ?=
 
-.PHONY: all build run test test-deps check bench clean
+.PHONY: all build run test test-deps check bench bench-peering clean
 
 all: build
 
@@ -30,6 +30,10 @@ test: test-deps check
 
 bench: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/bench.sh
+
+# 8 nodes in network namespaces pull one 256 MiB image at once; peering off, then on. Needs root.
+bench-peering: test-deps
+	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/peering-netns.sh bench
 
 clean:
 	rm -rf $(BIN)

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IMAGEMESH_TOOLS=${IMAGEMESH_TOOLS:-$(hack/test-deps.sh)}
-exec go test ./test/e2e -run '^$' -bench "${BENCH:-.}" -benchtime 1x -timeout 30m "$@"
+exec go test ./test/e2e ./pkg/peering -run '^$' -bench "${BENCH:-.}" -benchtime 1x -timeout 30m "$@"

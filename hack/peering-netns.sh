@@ -178,8 +178,9 @@ stop_nodes() {
     for p in $(ip netns pids "$id-n$i"); do kill -9 "$p" 2>/dev/null || true; done
   done
 }
-layer_ok() { # layer_ok I: node I's agent holds the layer, intact
+layer_ok() { # layer_ok I: node I's agent holds the layer, intact (it commits just after its client's last byte)
   local f="$work/n$1/agent/content/blobs/sha256/${layer#sha256:}"
+  for _ in $(seq 1 100); do [ -f "$f" ] && break; sleep 0.05; done
   [ -f "$f" ] && [ "sha256:$(sha256sum "$f" | cut -d' ' -f1)" = "$layer" ]
 }
 

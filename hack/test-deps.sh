@@ -12,6 +12,7 @@ command -v runc >/dev/null || missing+=(runc)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
+[ -x /usr/bin/etcd ] || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
@@ -22,6 +23,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane)
-[ -d hack/tools/containerd2 ] && tools+=(containerd2)
-hack/tools/build.sh "${tools[@]}"
+tools=(registry crane containerd2 kube-apiserver)
+bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
+# envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
+# the built tools there.
+ln -sfn /usr/bin/etcd "$bin/etcd"
+echo "$bin"

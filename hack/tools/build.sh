@@ -15,6 +15,7 @@ declare -A pkg=(
   [registry]=github.com/distribution/distribution/v3/cmd/registry
   [crane]=github.com/google/go-containerregistry/cmd/crane
   [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"
+  [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
 )
 # Extra go build flags per tool.
 declare -A flags=(

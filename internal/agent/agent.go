@@ -21,6 +21,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/imagemesh/imagemesh/pkg/content"
@@ -315,10 +318,37 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 		}
 		opts.PSK = psk
 	}
+	if k := p.Kubernetes; k != nil {
+		d, err := kubernetesPeers(k)
+		if err != nil {
+			return nil, err
+		}
+		opts.Discover = append(opts.Discover, d)
+	}
 	for _, d := range p.DNS {
 		host, port, _ := net.SplitHostPort(d)
 		n, _ := strconv.Atoi(port)
 		opts.Discover = append(opts.Discover, peering.DNSPeers{Host: host, Port: n})
 	}
 	return peering.New(ctx, opts)
+}
+
+func kubernetesPeers(k *KubernetesDiscovery) (peering.KubernetesPeers, error) {
+	var rc *rest.Config
+	var err error
+	if k.Kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
+	}
+	rc.UserAgent = "imagemesh-node-agent/" + Version
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
+	}
+	ns, name, _ := strings.Cut(k.Service, "/")
+	return peering.KubernetesPeers{Client: client, Namespace: ns, Service: name, PortName: k.PortName}, nil
 }

@@ -90,6 +90,8 @@ type PeeringConfig struct {
 	// DNS is a name with one address per agent (a headless Service), as HOST:PORT where PORT is the
 	// agents' HTTP API port, which tells each agent's peer ID.
 	DNS []string `json:"dns,omitempty"`
+	// Kubernetes finds peers through the EndpointSlices of the agents' Service.
+	Kubernetes *KubernetesDiscovery `json:"kubernetes,omitempty"`
 	// ResolveTags lets peers answer tag lookups when the registry cannot. Digests verify themselves,
 	// tags do not: turn it on only where every node is trusted alike.
 	ResolveTags bool `json:"resolveTags,omitempty"`
@@ -97,6 +99,17 @@ type PeeringConfig struct {
 	ReprovideInterval Duration `json:"reprovideInterval,omitempty"`
 	// ProvideRate bounds announcements per second.
 	ProvideRate int `json:"provideRate,omitempty"`
+}
+
+// KubernetesDiscovery names the agents' Service. The agent lists its EndpointSlices (RBAC: list
+// endpointslices.discovery.k8s.io in its namespace) and asks each ready endpoint for its peer ID.
+type KubernetesDiscovery struct {
+	// Service is NAMESPACE/NAME.
+	Service string `json:"service"`
+	// PortName is the Service port of the agents' API. Default "api".
+	PortName string `json:"portName,omitempty"`
+	// Kubeconfig is for agents outside the cluster; inside, the pod's service account is used.
+	Kubeconfig string `json:"kubeconfig,omitempty"`
 }
 
 // Enabled says whether the agent peers.
@@ -297,8 +310,8 @@ func (d *Duration) Type() string   { return "duration" }
 
 func (p PeeringConfig) validate() []error {
 	if !p.Enabled() {
-		if len(p.Bootstrap) > 0 || len(p.DNS) > 0 || p.KeyFile != "" {
-			return []error{errors.New("peering: bootstrap, dns and keyFile need peering.listen (--peer-listen)")}
+		if len(p.Bootstrap) > 0 || len(p.DNS) > 0 || p.Kubernetes != nil || p.KeyFile != "" {
+			return []error{errors.New("peering: bootstrap, dns, kubernetes and keyFile need peering.listen (--peer-listen)")}
 		}
 		return nil
 	}
@@ -314,6 +327,11 @@ func (p PeeringConfig) validate() []error {
 			errs = append(errs, fmt.Errorf("peering.dns %q: want HOST:PORT: %w", d, err))
 		} else if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
 			errs = append(errs, fmt.Errorf("peering.dns %q: bad port", d))
+		}
+	}
+	if k := p.Kubernetes; k != nil {
+		if ns, name, ok := strings.Cut(k.Service, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("peering.kubernetes.service %q: want NAMESPACE/NAME", k.Service))
 		}
 	}
 	if p.ReprovideInterval < 0 || p.ProvideRate < 0 {

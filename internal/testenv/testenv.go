@@ -68,7 +68,13 @@ func missing(t testing.TB, format string, args ...any) {
 // FreeAddr returns a loopback address (127.0.0.1:port) that nobody listens on right now.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return FreeAddrOn(t, "127.0.0.1")
+}
+
+// FreeAddrOn returns host:port with a port free on host, an address of this machine.
+func FreeAddrOn(t testing.TB, host string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}

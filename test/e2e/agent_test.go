@@ -53,7 +53,19 @@ type agent struct {
 // startAgent starts node-agent with args on a free port and a fresh data dir, and waits until ready.
 func startAgent(t testing.TB, args ...string) *agent {
 	t.Helper()
-	a := &agent{t: t, args: args, Addr: testenv.FreeAddr(t), DataDir: t.TempDir()}
+	return startAgentOn(t, "127.0.0.1", args...)
+}
+
+// startAgentOn starts node-agent with its API on a free port of host.
+func startAgentOn(t testing.TB, host string, args ...string) *agent {
+	t.Helper()
+	return startAgentAt(t, testenv.FreeAddrOn(t, host), args...)
+}
+
+// startAgentAt starts node-agent with its API on addr.
+func startAgentAt(t testing.TB, addr string, args ...string) *agent {
+	t.Helper()
+	a := &agent{t: t, args: args, Addr: addr, DataDir: t.TempDir()}
 	a.URL = "http://" + a.Addr
 	a.log = filepath.Join(t.TempDir(), "agent.log")
 	a.Start()
