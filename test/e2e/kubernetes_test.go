@@ -45,7 +45,7 @@ func TestKubernetesBootstrap(t *testing.T) {
 	// The Service's EndpointSlice, as the EndpointSlice controller would write it for the DaemonSet's
 	// pods: node 1 ready, the leaving agent not.
 	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{Name: "agents-abcde", Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: "agents"}},
+		ObjectMeta:  metav1.ObjectMeta{Name: "agents-abcde", Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: "agents"}},
 		AddressType: discoveryv1.AddressTypeIPv4,
 		Endpoints: []discoveryv1.Endpoint{
 			{Addresses: []string{"10.80.0.1"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}},
