@@ -8,7 +8,7 @@ LDFLAGS   := -X github.com/imagemesh/imagemesh/internal/agent.Version=$(VERSION)
 TOOLS_DIR  = $(HOME)/.cache/imagemesh/tools/bin
 TESTFLAGS ?=
 
-.PHONY: all build run test test-deps check bench bench-peering clean
+.PHONY: all build run test test-deps check bench bench-peering generate clean
 
 all: build
 
@@ -27,6 +27,12 @@ check:
 
 test: test-deps check
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) $(GO) test -race -count=1 -timeout 30m $(TESTFLAGS) ./...
+
+# Deepcopy, the CRD and the controller's RBAC, from the kubebuilder markers.
+generate:
+	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen object paths=./api/...
+	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen rbac:roleName=imagemesh-controller paths=./internal/controller/... output:rbac:artifacts:config=config/rbac
 
 bench: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/bench.sh

@@ -16,6 +16,7 @@ declare -A pkg=(
   [crane]=github.com/google/go-containerregistry/cmd/crane
   [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"
   [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
+  [controller-gen]=sigs.k8s.io/controller-tools/cmd/controller-gen
 )
 # Extra go build flags per tool.
 declare -A flags=(
