@@ -86,7 +86,9 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.StringArrayVar(&cfg.Peering.Bootstrap, "bootstrap", cfg.Peering.Bootstrap, "peer multiaddr ending in /p2p/<peer id> to join through (repeatable)")
 	f.StringArrayVar(&cfg.Peering.DNS, "bootstrap-dns", cfg.Peering.DNS, "HOST:PORT: find peers at the addresses of HOST (a headless Service), asking each agent's API on PORT for its peer ID (repeatable)")
 	f.Var(kubernetesService{&cfg.Peering}, "bootstrap-service", "NAMESPACE/NAME: find peers through the EndpointSlices of the agents' Service (port \"api\")")
-	f.Var(kubeconfig{&cfg.Peering}, "kubeconfig", "kubeconfig for --bootstrap-service outside the cluster (default: the pod's service account)")
+	f.StringVar(&cfg.Cluster.ConfigMap, "cluster-config", cfg.Cluster.ConfigMap, "NAMESPACE/NAME of the ConfigMap the imagemesh controller publishes; the agent applies it to this node")
+	f.StringVar(&cfg.Cluster.NodeName, "node-name", cfg.Cluster.NodeName, "this node's name (default $NODE_NAME)")
+	f.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig outside the cluster (default: the pod's service account)")
 	f.BoolVar(&cfg.Peering.ResolveTags, "peer-resolve-tags", cfg.Peering.ResolveTags, "let peers answer tag lookups when the registry cannot")
 	f.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "debug, info, warn or error")
 	f.StringVar(&cfg.Log.Format, "log-format", cfg.Log.Format, "text or json")
@@ -117,20 +119,3 @@ func (k kubernetesService) Set(s string) error {
 	return nil
 }
 func (kubernetesService) Type() string { return "NAMESPACE/NAME" }
-
-type kubeconfig struct{ p *agent.PeeringConfig }
-
-func (k kubeconfig) String() string {
-	if k.p == nil || k.p.Kubernetes == nil {
-		return ""
-	}
-	return k.p.Kubernetes.Kubeconfig
-}
-func (k kubeconfig) Set(s string) error {
-	if k.p.Kubernetes == nil {
-		k.p.Kubernetes = &agent.KubernetesDiscovery{}
-	}
-	k.p.Kubernetes.Kubeconfig = s
-	return nil
-}
-func (kubeconfig) Type() string { return "FILE" }

@@ -93,6 +93,20 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	trusted := source.NewChain(source.Link{Source: upstream, ResolveTags: true})
 	chain := trusted
 	var m *mirror.Mirror
+	var cs *clusterSync
+	if cfg.Cluster.ConfigMap != "" {
+		client, err := kubeClient(cfg.Kubeconfig)
+		if err != nil {
+			return fmt.Errorf("cluster configuration: %w", err)
+		}
+		ns, name, _ := strings.Cut(cfg.Cluster.ConfigMap, "/")
+		cs = &clusterSync{
+			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName,
+			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries,
+			upstream: upstream, mirror: func() *mirror.Mirror { return m },
+			log: log.With("component", "cluster"), prefetched: map[string]bool{},
+		}
+	}
 	if cfg.Peering.Enabled() {
 		n, err := startPeering(ctx, cfg, store, reg, log.With("component", "peering"), trusted, func() *mirror.Mirror { return m })
 		if err != nil {
@@ -100,9 +114,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		defer n.Close()
 		node.Store(n)
-		// Peers first for content; for tags, only after the registry, and only if allowed.
+		// Peers first for content; for tags, only after the registry, and only if allowed: by the
+		// agent's configuration, or by the ImageSource of the registry.
+		peers := n.Source()
+		if cs != nil && !cfg.Peering.ResolveTags {
+			peers.TagsAllowed = cs.peersMayResolve
+		}
 		chain = source.NewChain(
-			source.Link{Source: n.Source(), TagFallback: cfg.Peering.ResolveTags},
+			source.Link{Source: peers, TagFallback: cfg.Peering.ResolveTags || cs != nil},
 			source.Link{Source: upstream, ResolveTags: true},
 		)
 	}
@@ -165,6 +184,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 
+	if cs != nil {
+		cs.mirrorURL = cfg.HostConfig.MirrorURL
+		if cs.mirrorURL == "" {
+			cs.mirrorURL = "http://" + apiLn.Addr().String()
+		}
+	}
+
 	servers := []*http.Server{newServer(api, log)}
 	listeners := []net.Listener{apiLn}
 	if metricsLn != nil {
@@ -180,6 +206,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			}
 			return nil
 		})
+	}
+	if cs != nil {
+		g.Go(func() error { return cs.run(gctx) })
 	}
 	ready.Store(true)
 	attrs := []any{"version", Version, "listen", apiLn.Addr().String(), "dataDir", cfg.DataDir,
@@ -208,6 +237,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return errors.Join(errs...)
 	})
 	err = g.Wait()
+	if cs != nil {
+		cs.cleanup()
+	}
 	if n := node.Load(); n != nil {
 		n.Close()
 	}
@@ -319,7 +351,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 		opts.PSK = psk
 	}
 	if k := p.Kubernetes; k != nil {
-		d, err := kubernetesPeers(k)
+		d, err := kubernetesPeers(k, cfg.Kubeconfig)
 		if err != nil {
 			return nil, err
 		}
@@ -333,22 +365,28 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 	return peering.New(ctx, opts)
 }
 
-func kubernetesPeers(k *KubernetesDiscovery) (peering.KubernetesPeers, error) {
-	var rc *rest.Config
-	var err error
-	if k.Kubeconfig != "" {
-		rc, err = clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
-	} else {
-		rc, err = rest.InClusterConfig()
-	}
-	if err != nil {
-		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
-	}
-	rc.UserAgent = "imagemesh-node-agent/" + Version
-	client, err := kubernetes.NewForConfig(rc)
+func kubernetesPeers(k *KubernetesDiscovery, kubeconfig string) (peering.KubernetesPeers, error) {
+	client, err := kubeClient(kubeconfig)
 	if err != nil {
 		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
 	}
 	ns, name, _ := strings.Cut(k.Service, "/")
 	return peering.KubernetesPeers{Client: client, Namespace: ns, Service: name, PortName: k.PortName}, nil
+}
+
+// kubeClient connects to the API server: with kubeconfig outside the cluster, with the pod's service
+// account inside.
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	var rc *rest.Config
+	var err error
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, err
+	}
+	rc.UserAgent = "imagemesh-node-agent/" + Version
+	return kubernetes.NewForConfig(rc)
 }

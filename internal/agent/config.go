@@ -40,6 +40,10 @@ type Config struct {
 	Upstreams  []Upstream       `json:"upstreams,omitempty"`
 	HostConfig HostConfigConfig `json:"hostConfig"`
 	Peering    PeeringConfig    `json:"peering"`
+	// Cluster connects the agent to the imagemesh controller's mirror configuration.
+	Cluster ClusterConfig `json:"cluster"`
+	// Kubeconfig is for an agent outside the cluster; inside, the pod's service account is used.
+	Kubeconfig string `json:"kubeconfig,omitempty"`
 	Log        LogConfig        `json:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for transfers under way.
 	ShutdownTimeout Duration `json:"shutdownTimeout"`
@@ -108,8 +112,15 @@ type KubernetesDiscovery struct {
 	Service string `json:"service"`
 	// PortName is the Service port of the agents' API. Default "api".
 	PortName string `json:"portName,omitempty"`
-	// Kubeconfig is for agents outside the cluster; inside, the pod's service account is used.
-	Kubeconfig string `json:"kubeconfig,omitempty"`
+}
+
+// ClusterConfig is where the agent finds the mirror configuration the controller publishes from the
+// ImageSources, and which node it runs on.
+type ClusterConfig struct {
+	// ConfigMap is NAMESPACE/NAME; empty runs the agent standalone.
+	ConfigMap string `json:"configMap,omitempty"`
+	// NodeName is the agent's node (the downward API's spec.nodeName).
+	NodeName string `json:"nodeName,omitempty"`
 }
 
 // Enabled says whether the agent peers.
@@ -131,6 +142,7 @@ func Default() Config {
 		TagTTL:          Duration(30 * time.Second),
 		Log:             LogConfig{Level: "info", Format: "text"},
 		ShutdownTimeout: Duration(30 * time.Second),
+		Cluster:         ClusterConfig{NodeName: os.Getenv("NODE_NAME")},
 	}
 }
 
@@ -201,6 +213,14 @@ func (c *Config) Validate() error {
 		}
 	}
 	errs = append(errs, c.Peering.validate()...)
+	if c.Cluster.ConfigMap != "" {
+		if ns, name, ok := strings.Cut(c.Cluster.ConfigMap, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("cluster.configMap %q: want NAMESPACE/NAME", c.Cluster.ConfigMap))
+		}
+		if c.Cluster.NodeName == "" {
+			errs = append(errs, errors.New("cluster.nodeName (--node-name, $NODE_NAME) is required with cluster.configMap"))
+		}
+	}
 	if c.TagTTL < 0 {
 		errs = append(errs, errors.New("tagTTL must not be negative"))
 	}

@@ -32,14 +32,12 @@ import (
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 )
 
-// The contract with the node agents: the controller publishes the configuration in a ConfigMap; each
-// agent keeps a Lease named LeasePrefix+<node name> in the same namespace, renewed while it runs,
-// whose AppliedAnnotation is the hash of the configuration it last applied.
+// The contract with the node agents (see mirrorconfig): the controller publishes the configuration in
+// a ConfigMap; each agent reports the hash it applied in a Lease of its own.
 const (
-	LeasePrefix       = "imagemesh-node-"
-	AppliedAnnotation = "imagemesh.io/applied-config"
-	// LeaseStale is how old a Lease may be and still count: an agent that stopped renewing it is gone.
-	LeaseStale = 2 * time.Minute
+	LeasePrefix       = mirrorconfig.LeasePrefix
+	AppliedAnnotation = mirrorconfig.AppliedAnnotation
+	LeaseStale        = mirrorconfig.LeaseStale
 )
 
 // Reasons of the conditions.

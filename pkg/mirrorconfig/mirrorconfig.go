@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
@@ -77,3 +78,12 @@ func (d Document) Hash() string {
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
 }
+
+// The agents report back through Leases: each keeps one named LeasePrefix+<node name> in the
+// controller's namespace, renewed while it runs, whose AppliedAnnotation is the Hash of the document
+// it last applied. A Lease older than LeaseStale is an agent gone.
+const (
+	LeasePrefix       = "imagemesh-node-"
+	AppliedAnnotation = "imagemesh.io/applied-config"
+	LeaseStale        = 2 * time.Minute
+)

@@ -174,6 +174,9 @@ type Source struct {
 	FindTimeout time.Duration
 	// MaxProviders bounds how many providers are tried for one digest. Default 8.
 	MaxProviders int
+	// TagsAllowed, if set, says for which registry hosts peers may answer tag lookups; otherwise the
+	// chain's link decides alone.
+	TagsAllowed func(host string) bool
 }
 
 // Source returns the node's peers as a source.
@@ -186,6 +189,9 @@ func (s *Source) Name() string { return "peer" }
 // Resolve asks connected peers what they resolved the tag to, and takes the most recent answer.
 func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
 	n := s.node
+	if s.TagsAllowed != nil && !s.TagsAllowed(reference.Domain(repo)) {
+		return ocispec.Descriptor{}, fmt.Errorf("peers may not answer tags of %s: %w", reference.Domain(repo), source.ErrNotFound)
+	}
 	peers := n.host.Network().Peers()
 	if len(peers) > s.MaxProviders {
 		peers = peers[:s.MaxProviders]

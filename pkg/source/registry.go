@@ -73,6 +73,7 @@ type Registry struct {
 	latency *prometheus.HistogramVec
 
 	mu         sync.Mutex
+	dynamic    map[string]Endpoint          // from SetEndpoints, over opts.Endpoints
 	bases      map[string]http.RoundTripper // by endpoint host
 	transports map[string]http.RoundTripper // authenticated, by registry host and repository
 }
@@ -114,7 +115,28 @@ func NewRegistry(opts RegistryOptions) (*Registry, error) {
 
 func (r *Registry) Name() string { return "upstream" }
 
+// SetEndpoints replaces the endpoints set at run time (from the cluster's ImageSources), which take
+// precedence over the configured ones. Connections and tokens of the old endpoints are dropped.
+func (r *Registry) SetEndpoints(eps map[string]Endpoint) error {
+	for host, ep := range eps {
+		if ep.URL == nil || (ep.URL.Scheme != "http" && ep.URL.Scheme != "https") || ep.URL.Host == "" {
+			return fmt.Errorf("upstream %s: endpoint must be an http or https URL", host)
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.dynamic = eps
+	clear(r.transports)
+	return nil
+}
+
 func (r *Registry) endpoint(host string) Endpoint {
+	r.mu.Lock()
+	ep, ok := r.dynamic[host]
+	r.mu.Unlock()
+	if ok {
+		return ep
+	}
 	if ep, ok := r.opts.Endpoints[host]; ok {
 		return ep
 	}

@@ -19,7 +19,7 @@ import (
 	"github.com/imagemesh/imagemesh/internal/testenv"
 )
 
-var agentBin string
+var agentBin, controllerBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "imagemesh-e2e-")
@@ -28,10 +28,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	agentBin = filepath.Join(dir, "node-agent")
-	build := exec.Command("go", "build", "-o", agentBin, "github.com/imagemesh/imagemesh/cmd/node-agent")
+	controllerBin = filepath.Join(dir, "controller")
+	build := exec.Command("go", "build", "-o", dir+"/", "github.com/imagemesh/imagemesh/cmd/node-agent", "github.com/imagemesh/imagemesh/cmd/controller")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build node-agent:", err)
+		fmt.Fprintln(os.Stderr, "build node-agent and controller:", err)
 		os.Exit(1)
 	}
 	code := m.Run()

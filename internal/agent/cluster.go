@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
+	"github.com/imagemesh/imagemesh/pkg/source"
+)
+
+// clusterSync applies the mirror configuration the controller publishes: it watches the ConfigMap,
+// keeps the registries whose node selector matches this node, points their hosts.toml at the agent,
+// reaches their upstreams as the ImageSources say (credentials from their Secrets), prefetches their
+// images, and reports the configuration it applied in its Lease.
+type clusterSync struct {
+	client      kubernetes.Interface
+	namespace   string
+	configMap   string
+	node        string
+	hostsDir    string
+	mirrorURL   string
+	staticHosts []string // hosts.toml the agent's own configuration asks for
+	upstream    *source.Registry
+	mirror      func() *mirror.Mirror
+	log         *slog.Logger
+
+	mu         sync.Mutex
+	peerTags   map[string]bool
+	applied    string
+	prefetched map[string]bool
+}
+
+// peersMayResolve says whether the ImageSource of host lets peers answer its tags.
+func (c *clusterSync) peersMayResolve(host string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peerTags[host]
+}
+
+func (c *clusterSync) run(ctx context.Context) error {
+	factory := informers.NewSharedInformerFactoryWithOptions(c.client, 10*time.Minute,
+		informers.WithNamespace(c.namespace),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + c.configMap }))
+	informer := factory.Core().V1().ConfigMaps()
+	changed := make(chan struct{}, 1)
+	poke := func(any) {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	informer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: poke, UpdateFunc: func(_, o any) { poke(o) }, DeleteFunc: poke,
+	})
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
+	if !cache.WaitForCacheSync(ctx.Done(), informer.Informer().HasSynced) {
+		return ctx.Err()
+	}
+	// The Lease is renewed, and node labels read again, on a timer; the configuration on every change.
+	tick := time.NewTicker(mirrorconfig.LeaseStale / 4)
+	defer tick.Stop()
+	for {
+		cm, err := informer.Lister().ConfigMaps(c.namespace).Get(c.configMap)
+		if apierrors.IsNotFound(err) {
+			cm, err = &corev1.ConfigMap{}, nil
+		}
+		if err == nil {
+			err = c.sync(ctx, cm)
+		}
+		if err != nil && ctx.Err() == nil {
+			c.log.Warn("mirror configuration not applied; retrying", "configMap", c.namespace+"/"+c.configMap, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		case <-tick.C:
+		}
+	}
+}
+
+func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
+	doc, err := mirrorconfig.Parse([]byte(cm.Data[mirrorconfig.ConfigMapKey]))
+	if err != nil {
+		return err
+	}
+	hash := doc.Hash()
+	node, err := c.client.CoreV1().Nodes().Get(ctx, c.node, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("node %s: %w", c.node, err)
+	}
+	var mine []mirrorconfig.Registry
+	for _, r := range doc.Registries {
+		sel := labels.Everything()
+		if r.NodeSelector != nil {
+			if sel, err = metav1.LabelSelectorAsSelector(r.NodeSelector); err != nil {
+				c.log.Warn("bad node selector; registry skipped", "registry", r.Host, "imageSource", r.ImageSource, "err", err)
+				continue
+			}
+		}
+		if sel.Matches(labels.Set(node.Labels)) {
+			mine = append(mine, r)
+		}
+	}
+
+	var errs []error
+	endpoints := map[string]source.Endpoint{}
+	peerTags := map[string]bool{}
+	hosts := slices.Clone(c.staticHosts)
+	var files []hostconfig.Registry
+	for _, r := range mine {
+		ep, err := c.endpoint(ctx, r)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		endpoints[r.Host] = ep
+		peerTags[r.Host] = r.PeersResolveTags
+		hosts = append(hosts, r.Host)
+		files = append(files, hostconfig.Registry{Host: r.Host, Server: strings.TrimSuffix(ep.URL.String(), "/"), Mirrors: []hostconfig.Mirror{{URL: c.mirrorURL}}})
+	}
+	if err := c.upstream.SetEndpoints(endpoints); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.peerTags = peerTags
+	c.mu.Unlock()
+	if c.hostsDir != "" {
+		written, err := hostconfig.Apply(c.hostsDir, files)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		removed, err := hostconfig.Prune(c.hostsDir, hosts)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if len(written) > 0 || len(removed) > 0 {
+			c.log.Info("containerd hosts.toml updated", "written", written, "removed", removed)
+		}
+	}
+	if len(errs) > 0 {
+		// Not reported as applied: the controller keeps counting this node as pending.
+		return errors.Join(errs...)
+	}
+	if err := c.report(ctx, hash); err != nil {
+		return fmt.Errorf("report applied configuration: %w", err)
+	}
+	c.mu.Lock()
+	if c.applied != hash {
+		c.log.Info("mirror configuration applied", "hash", hash, "registries", hosts)
+		c.applied = hash
+	}
+	c.mu.Unlock()
+	c.prefetch(ctx, mine)
+	return nil
+}
+
+// endpoint is how to reach r's upstream, with the credentials of its Secret.
+func (c *clusterSync) endpoint(ctx context.Context, r mirrorconfig.Registry) (source.Endpoint, error) {
+	raw := r.Endpoint
+	if raw == "" {
+		raw = hostconfig.DefaultServer(r.Host)
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return source.Endpoint{}, fmt.Errorf("registry %s: endpoint: %w", r.Host, err)
+	}
+	ep := source.Endpoint{URL: u}
+	if r.CredentialsSecret == "" {
+		return ep, nil
+	}
+	sec, err := c.client.CoreV1().Secrets(c.namespace).Get(ctx, r.CredentialsSecret, metav1.GetOptions{})
+	if err != nil {
+		return source.Endpoint{}, fmt.Errorf("registry %s: credentials: %w", r.Host, err)
+	}
+	ep.Username, ep.Password, err = credentials(sec, r.Host, u.Host)
+	if err != nil {
+		return source.Endpoint{}, fmt.Errorf("registry %s: credentials in Secret %s/%s: %w", r.Host, c.namespace, r.CredentialsSecret, err)
+	}
+	return ep, nil
+}
+
+// credentials reads a username and password from a Secret: the keys username and password, or a
+// kubernetes.io/dockerconfigjson Secret's entry for the registry.
+func credentials(sec *corev1.Secret, hosts ...string) (string, string, error) {
+	if u, ok := sec.Data["username"]; ok {
+		return string(u), string(sec.Data["password"]), nil
+	}
+	raw, ok := sec.Data[corev1.DockerConfigJsonKey]
+	if !ok {
+		return "", "", errors.New("neither username/password nor .dockerconfigjson")
+	}
+	var cfg struct {
+		Auths map[string]struct {
+			Username string `json:"username"`
+			Password string `json:"password"`
+			Auth     string `json:"auth"`
+		} `json:"auths"`
+	}
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		return "", "", fmt.Errorf(".dockerconfigjson: %w", err)
+	}
+	for key, a := range cfg.Auths {
+		k := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(key, "https://"), "http://"), "/")
+		if !slices.Contains(hosts, k) && !(k == "index.docker.io/v1" && slices.Contains(hosts, "docker.io")) {
+			continue
+		}
+		if a.Username != "" {
+			return a.Username, a.Password, nil
+		}
+		b, err := base64.StdEncoding.DecodeString(a.Auth)
+		if err != nil {
+			return "", "", fmt.Errorf(".dockerconfigjson auth for %s: %w", key, err)
+		}
+		user, pass, _ := strings.Cut(string(b), ":")
+		return user, pass, nil
+	}
+	return "", "", fmt.Errorf(".dockerconfigjson has no entry for %s", strings.Join(hosts, " or "))
+}
+
+// report renews the node's Lease with the hash it applied.
+func (c *clusterSync) report(ctx context.Context, hash string) error {
+	leases := c.client.CoordinationV1().Leases(c.namespace)
+	name := mirrorconfig.LeasePrefix + c.node
+	now := metav1.NewMicroTime(time.Now())
+	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		lease = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: c.namespace,
+			Labels: map[string]string{"app.kubernetes.io/name": "imagemesh", "app.kubernetes.io/component": "node-agent"}}}
+		lease.Annotations = map[string]string{mirrorconfig.AppliedAnnotation: hash}
+		lease.Spec.HolderIdentity = &c.node
+		lease.Spec.RenewTime = &now
+		_, err = leases.Create(ctx, lease, metav1.CreateOptions{})
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	if lease.Annotations == nil {
+		lease.Annotations = map[string]string{}
+	}
+	lease.Annotations[mirrorconfig.AppliedAnnotation] = hash
+	lease.Spec.HolderIdentity = &c.node
+	lease.Spec.RenewTime = &now
+	_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
+	return err
+}
+
+// prefetch pulls each listed image once into the cache, in the background.
+func (c *clusterSync) prefetch(ctx context.Context, regs []mirrorconfig.Registry) {
+	m := c.mirror()
+	if m == nil {
+		return
+	}
+	for _, r := range regs {
+		for _, img := range r.Prefetch {
+			c.mu.Lock()
+			done := c.prefetched[img]
+			c.prefetched[img] = true
+			c.mu.Unlock()
+			if done {
+				continue
+			}
+			go func() {
+				start := time.Now()
+				if err := m.Prefetch(ctx, img); err != nil {
+					c.log.Warn("prefetch failed", "image", img, "err", err)
+					c.mu.Lock()
+					delete(c.prefetched, img) // the next sync tries again
+					c.mu.Unlock()
+					return
+				}
+				c.log.Info("prefetched", "image", img, "took", time.Since(start).Round(time.Millisecond).String())
+			}()
+		}
+	}
+}
+
+// cleanup removes the hosts.toml files the agent wrote for the cluster: on uninstall, containerd
+// goes back to the registries directly.
+func (c *clusterSync) cleanup() {
+	if c.hostsDir == "" {
+		return
+	}
+	removed, err := hostconfig.Prune(c.hostsDir, c.staticHosts)
+	if err != nil {
+		c.log.Warn("removing hosts.toml", "err", err)
+	}
+	if len(removed) > 0 {
+		c.log.Info("containerd hosts.toml removed", "registries", removed)
+	}
+}
