@@ -43,8 +43,8 @@ type Config struct {
 	// Cluster connects the agent to the imagemesh controller's mirror configuration.
 	Cluster ClusterConfig `json:"cluster"`
 	// Kubeconfig is for an agent outside the cluster; inside, the pod's service account is used.
-	Kubeconfig string `json:"kubeconfig,omitempty"`
-	Log        LogConfig        `json:"log"`
+	Kubeconfig string    `json:"kubeconfig,omitempty"`
+	Log        LogConfig `json:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for transfers under way.
 	ShutdownTimeout Duration `json:"shutdownTimeout"`
 }
