@@ -32,6 +32,7 @@ test: test-deps check
 generate:
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen object paths=./api/...
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
+	cp config/crd/bases/*.yaml charts/imagemesh/crds/
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen rbac:roleName=imagemesh-controller paths=./internal/controller/... output:rbac:artifacts:config=config/rbac
 
 bench: test-deps

@@ -17,6 +17,7 @@ declare -A pkg=(
   [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"
   [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
   [controller-gen]=sigs.k8s.io/controller-tools/cmd/controller-gen
+  [helm]=helm.sh/helm/v3/cmd/helm
 )
 # Extra go build flags per tool.
 declare -A flags=(

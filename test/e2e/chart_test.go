@@ -1,0 +1,183 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/peering"
+)
+
+const chartDir = "../../charts/imagemesh"
+
+// TestHelmChart lints the chart, renders it with default and other values, and applies every
+// rendered object to a real API server with a server-side dry run; the kustomize bases under config/
+// go the same way.
+func TestHelmChart(t *testing.T) {
+	helm := testenv.Tool(t, "helm")
+	if out, err := exec.Command(helm, "lint", chartDir, "--kube-version", "1.34.4").CombinedOutput(); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+	crds, _ := os.ReadFile(filepath.Join(chartDir, "crds", "imagemesh.io_imagesources.yaml"))
+	generated, _ := os.ReadFile("../../config/crd/bases/imagemesh.io_imagesources.yaml")
+	if len(crds) == 0 || !bytes.Equal(crds, generated) {
+		t.Fatal("charts/imagemesh/crds differs from the generated CRD in config/crd/bases: run make generate")
+	}
+
+	kube := testenv.StartKubernetes(t, filepath.Join(chartDir, "crds"))
+	c, err := client.New(kube.Config, client.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const ns = "imagemesh"
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+		t.Fatal(err)
+	}
+
+	for name, set := range map[string][]string{
+		"default": nil,
+		"custom": {"fullnameOverride=mesh", "agent.cacheMaxBytes=50GiB", "agent.peersResolveTags=true", "agent.nodeSelector.pool=gpu",
+			"peering.existingSecret=cluster-key", "metrics.serviceMonitor.enabled=true", "controller.replicas=2", "agent.extraArgs={--tag-ttl=1m}"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			objs := render(t, helm, ns, set...)
+			kinds := map[string]int{}
+			var args []string
+			var configMapArg string
+			for _, o := range objs {
+				kinds[o.GetKind()]++
+				switch o.GetKind() {
+				case "ServiceMonitor":
+					continue // no Prometheus Operator CRDs here; rendered is what is checked
+				case "DaemonSet":
+					cs, _, _ := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
+					for _, a := range cs[0].(map[string]any)["args"].([]any) {
+						args = append(args, a.(string))
+					}
+				case "Deployment":
+					cs, _, _ := unstructured.NestedSlice(o.Object, "spec", "template", "spec", "containers")
+					for _, a := range cs[0].(map[string]any)["args"].([]any) {
+						if v, ok := strings.CutPrefix(a.(string), "--configmap="); ok {
+							configMapArg = v
+						}
+					}
+				case "Secret":
+					key, _, _ := unstructured.NestedString(o.Object, "data", "swarm.key")
+					raw, _ := base64.StdEncoding.DecodeString(key)
+					p := filepath.Join(t.TempDir(), "swarm.key")
+					os.WriteFile(p, raw, 0o600)
+					if _, err := peering.LoadPSK(p); err != nil {
+						t.Fatalf("generated peering key: %v", err)
+					}
+				}
+				if err := c.Patch(ctx, o, client.Apply, client.FieldOwner("helm-test"), client.DryRunAll, client.ForceOwnership); err != nil {
+					t.Errorf("server-side dry run of %s %s: %v", o.GetKind(), o.GetName(), err)
+				}
+			}
+			for _, k := range []string{"DaemonSet", "Deployment", "ServiceAccount", "ClusterRole", "Role", "Service"} {
+				if kinds[k] == 0 {
+					t.Errorf("no %s rendered", k)
+				}
+			}
+			if !slices.Contains(args, "--cluster-config=$(POD_NAMESPACE)/"+configMapArg) || configMapArg == "" {
+				t.Errorf("agent reads %v, controller writes %q", args, configMapArg)
+			}
+			if name == "custom" {
+				if kinds["ServiceMonitor"] != 2 || kinds["Secret"] != 0 || !slices.Contains(args, "--peer-resolve-tags") ||
+					!slices.Contains(args, "--cache-max-bytes=50GiB") || !slices.Contains(args, "--tag-ttl=1m") {
+					t.Errorf("custom values not rendered: kinds %v, args %v", kinds, args)
+				}
+			} else if kinds["Secret"] != 1 {
+				t.Errorf("no peering key Secret rendered")
+			}
+		})
+	}
+
+	t.Run("bad values", func(t *testing.T) {
+		for set, want := range map[string]string{
+			"agent.port=abc":         "agent/port",
+			"agent.unknown=1":        "unknown",
+			"agent.logLevel=verbose": "logLevel",
+			"agent.dataDir=relative": "dataDir",
+		} {
+			out, err := exec.Command(helm, "template", "im", chartDir, "--kube-version", "1.34.4", "--set", set).CombinedOutput()
+			if err == nil || !strings.Contains(string(out), want) {
+				t.Errorf("--set %s: %v, want an error naming %q:\n%s", set, err, want, out)
+			}
+		}
+	})
+
+	t.Run("kustomize bases", func(t *testing.T) {
+		for _, dir := range []string{"../../config/rbac", "../../config/manager", "../../config/agent"} {
+			files, _ := filepath.Glob(filepath.Join(dir, "*.yaml"))
+			for _, f := range files {
+				if filepath.Base(f) == "kustomization.yaml" {
+					continue
+				}
+				b, _ := os.ReadFile(f)
+				for _, o := range decodeAll(t, b) {
+					if o.GetKind() == "Namespace" {
+						continue
+					}
+					if o.GetNamespace() != "" {
+						o.SetNamespace(ns)
+					}
+					if err := c.Patch(ctx, o, client.Apply, client.FieldOwner("kustomize-test"), client.DryRunAll, client.ForceOwnership); err != nil {
+						t.Errorf("%s: %s %s: %v", f, o.GetKind(), o.GetName(), err)
+					}
+				}
+			}
+		}
+	})
+}
+
+func render(t *testing.T, helm, ns string, set ...string) []*unstructured.Unstructured {
+	t.Helper()
+	args := []string{"template", "im", chartDir, "--namespace", ns, "--kube-version", "1.34.4"}
+	for _, s := range set {
+		args = append(args, "--set", s)
+	}
+	var stderr bytes.Buffer
+	cmd := exec.Command(helm, args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helm template %v: %v\n%s", set, err, stderr.String())
+	}
+	return decodeAll(t, out)
+}
+
+func decodeAll(t *testing.T, b []byte) []*unstructured.Unstructured {
+	t.Helper()
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(b), 4096)
+	var objs []*unstructured.Unstructured
+	for {
+		u := &unstructured.Unstructured{}
+		err := dec.Decode(&u.Object)
+		if errors.Is(err, io.EOF) {
+			return objs
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(u.Object) > 0 {
+			objs = append(objs, u)
+		}
+	}
+}
