@@ -23,6 +23,11 @@ declare -A pkg=(
 declare -A flags=(
   [containerd2]='-tags=no_btrfs,no_devmapper,no_zfs'
 )
+# Linker flags per tool. kube-apiserver built outside its repository reports version v0.0.0 unless
+# told; Helm charts and clients that check the server version need the real one.
+declare -A ldflags=(
+  [kube-apiserver]="-X k8s.io/component-base/version.gitVersion=v1.34.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34"
+)
 # Names the binaries get in the bin dir, so that containerd 2.x does not shadow Debian's 1.6.
 declare -A alias=(
   [containerd2/containerd]=containerd2
@@ -32,14 +37,15 @@ declare -A alias=(
 build() {
   local name=$1 mod="$here/$1"
   [ -n "${pkg[$name]:-}" ] || { echo "build.sh: unknown tool $name" >&2; exit 2; }
-  # The version key is the hash of the scratch module's go.mod and go.sum: a bump rebuilds, nothing else does.
-  local key; key=$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -c1-12)
+  # The version key is the hash of the scratch module's go.mod and go.sum (and linker flags): a bump
+  # rebuilds, nothing else does.
+  local key; key=$( (cat "$mod/go.mod" "$mod/go.sum"; [ -z "${ldflags[$name]:-}" ] || echo "${ldflags[$name]}") | sha256sum | cut -c1-12)
   local dir="$cache/$name-$key"
   if [ ! -f "$dir/.complete" ]; then
     echo "build.sh: building $name into $dir" >&2
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
     # shellcheck disable=SC2086
-    (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -o "$dir.tmp/" ${pkg[$name]})
+    (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -ldflags "${ldflags[$name]:-}" -o "$dir.tmp/" ${pkg[$name]})
     touch "$dir.tmp/.complete"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi

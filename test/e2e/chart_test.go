@@ -109,6 +109,38 @@ func TestHelmChart(t *testing.T) {
 		})
 	}
 
+	// A real install, upgrade and uninstall: the peering key is made once, survives the upgrade (a new
+	// key would split the cluster until every agent restarted) and the uninstall.
+	t.Run("install upgrade uninstall", func(t *testing.T) {
+		home := t.TempDir()
+		run := func(args ...string) {
+			t.Helper()
+			cmd := exec.Command(helm, append(args, "--kubeconfig", kube.Kubeconfig, "--namespace", ns)...)
+			cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home, "HELM_CONFIG_HOME="+home, "HELM_DATA_HOME="+home)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("helm %v: %v\n%s", args, err, out)
+			}
+		}
+		key := func() string {
+			t.Helper()
+			var sec corev1.Secret
+			if err := c.Get(ctx, client.ObjectKey{Namespace: ns, Name: "rel-imagemesh-peering"}, &sec); err != nil {
+				t.Fatal(err)
+			}
+			return string(sec.Data["swarm.key"])
+		}
+		run("install", "rel", chartDir)
+		first := key()
+		run("upgrade", "rel", chartDir, "--set", "agent.logLevel=debug")
+		if key() != first {
+			t.Fatal("helm upgrade replaced the peering key")
+		}
+		run("uninstall", "rel")
+		if key() != first {
+			t.Fatal("helm uninstall removed the peering key")
+		}
+	})
+
 	t.Run("bad values", func(t *testing.T) {
 		for set, want := range map[string]string{
 			"agent.port=abc":         "agent/port",
