@@ -102,10 +102,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		ns, name, _ := strings.Cut(cfg.Cluster.ConfigMap, "/")
 		cs = &clusterSync{
 			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName,
-			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries,
+			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries, staticRegistries: cfg.Registries,
 			upstream: upstream, mirror: func() *mirror.Mirror { return m },
 			log: log.With("component", "cluster"), prefetched: map[string]bool{},
 		}
+		cs.registries, cs.syncs = newClusterMetrics(reg)
 	}
 	if cfg.Peering.Enabled() {
 		n, err := startPeering(ctx, cfg, store, reg, log.With("component", "peering"), trusted, func() *mirror.Mirror { return m })
@@ -137,6 +138,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	})
 	if err != nil {
 		return err
+	}
+	if cs != nil {
+		// Until the cluster's configuration is applied, only what the agent's own configuration names.
+		m.SetRegistries(append(append([]string{}, cfg.Registries...), cfg.HostConfig.Registries...))
 	}
 
 	// Listen before writing hosts.toml, so that containerd is never pointed at a port nobody holds.

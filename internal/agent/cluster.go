@@ -22,6 +22,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
@@ -40,9 +42,14 @@ type clusterSync struct {
 	hostsDir    string
 	mirrorURL   string
 	staticHosts []string // hosts.toml the agent's own configuration asks for
-	upstream    *source.Registry
-	mirror      func() *mirror.Mirror
-	log         *slog.Logger
+	// staticRegistries are registries the agent's own configuration allows besides the cluster's.
+	staticRegistries []string
+	upstream         *source.Registry
+	mirror           func() *mirror.Mirror
+	log              *slog.Logger
+
+	registries prometheus.Gauge
+	syncs      *prometheus.CounterVec
 
 	mu         sync.Mutex
 	peerTags   map[string]bool
@@ -88,6 +95,11 @@ func (c *clusterSync) run(ctx context.Context) error {
 		if err == nil {
 			err = c.sync(ctx, cm)
 		}
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		c.syncs.WithLabelValues(result).Inc()
 		if err != nil && ctx.Err() == nil {
 			c.log.Warn("mirror configuration not applied; retrying", "configMap", c.namespace+"/"+c.configMap, "err", err)
 		}
@@ -143,9 +155,15 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 	if err := c.upstream.SetEndpoints(endpoints); err != nil {
 		return err
 	}
+	// In a cluster the agent serves the registries its node mirrors, and those its own configuration
+	// names; it is no open proxy for anything a pod asks of it.
+	if m := c.mirror(); m != nil {
+		m.SetRegistries(append(append([]string{}, c.staticRegistries...), hosts...))
+	}
 	c.mu.Lock()
 	c.peerTags = peerTags
 	c.mu.Unlock()
+	c.registries.Set(float64(len(mine)))
 	if c.hostsDir != "" {
 		written, err := hostconfig.Apply(c.hostsDir, files)
 		if err != nil {
@@ -310,4 +328,15 @@ func (c *clusterSync) cleanup() {
 	if len(removed) > 0 {
 		c.log.Info("containerd hosts.toml removed", "registries", removed)
 	}
+}
+
+func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus.CounterVec) {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imagemesh_cluster_registries", Help: "Registries the cluster's ImageSources have this node mirror.",
+	})
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imagemesh_cluster_syncs_total", Help: "Applications of the cluster's mirror configuration, by result.",
+	}, []string{"result"})
+	reg.MustRegister(g, c)
+	return g, c
 }

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
@@ -57,6 +58,8 @@ type Mirror struct {
 
 	manifests singleflight.Group
 	resolves  singleflight.Group
+	// registries, when set, replaces opts.Registries (SetRegistries).
+	registries atomic.Pointer[[]string]
 }
 
 // New returns a Mirror.
@@ -176,8 +179,25 @@ func (m *Mirror) parse(r *http.Request) (*request, error) {
 	return &request{repo: repo, kind: kind, ref: ref}, nil
 }
 
+// SetRegistries replaces the registries the mirror pulls from (nil: any), as the cluster's
+// ImageSources change.
+func (m *Mirror) SetRegistries(hosts []string) {
+	if hosts == nil {
+		m.registries.Store(nil)
+		return
+	}
+	h := slices.Clone(hosts)
+	m.registries.Store(&h)
+}
+
 // allowed refuses repositories of registries the mirror does not pull from.
 func (m *Mirror) allowed(repo reference.Named) error {
+	if p := m.registries.Load(); p != nil {
+		if !slices.Contains(*p, reference.Domain(repo)) {
+			return errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
+		}
+		return nil
+	}
 	if len(m.opts.Registries) > 0 && !slices.Contains(m.opts.Registries, reference.Domain(repo)) {
 		return errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
 	}

@@ -68,6 +68,9 @@ func TestClusterMirrorConfiguration(t *testing.T) {
 		b, err := os.ReadFile(file)
 		return err == nil && strings.Contains(string(b), a.URL) && strings.Contains(string(b), reg.URL)
 	})
+	if got := a.Metric("imagemesh_cluster_registries"); got != 1 {
+		t.Fatalf("imagemesh_cluster_registries = %v, want 1", got)
+	}
 	eventually(t, "image prefetched", func() bool {
 		return a.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`) >= 2<<20
 	})
@@ -87,6 +90,11 @@ func TestClusterMirrorConfiguration(t *testing.T) {
 	}
 	if got := a.Metric("imagemesh_mirror_requests_total", `kind="blob"`, `source="local"`, `code="200"`); got < 2 {
 		t.Fatalf("%v blobs served from the prefetched cache, want config and layer", got)
+	}
+
+	// A registry no ImageSource names is not pulled through the agent: it is no open proxy.
+	if code, body, _ := get(t, a.URL+"/v2/library/alpine/manifests/3.20?ns=docker.io"); code != 403 || !strings.Contains(string(body), "DENIED") {
+		t.Fatalf("pull of a registry no ImageSource names: %d %s", code, body)
 	}
 
 	// The ImageSource goes: so does its hosts.toml.
