@@ -18,6 +18,7 @@ declare -A pkg=(
   [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
   [controller-gen]=sigs.k8s.io/controller-tools/cmd/controller-gen
   [helm]=helm.sh/helm/v3/cmd/helm
+  [kubo]=github.com/ipfs/kubo/cmd/ipfs
 )
 # Extra go build flags per tool.
 declare -A flags=(

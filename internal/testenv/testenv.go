@@ -107,12 +107,20 @@ type process struct {
 // startProcess starts bin in its own process group (so that stop also reaches anything it
 // started), appending its stdout and stderr to logPath.
 func startProcess(logPath, bin string, args ...string) (*process, error) {
+	return startProcessEnv(logPath, nil, bin, args...)
+}
+
+// startProcessEnv is startProcess with variables added to the environment.
+func startProcessEnv(logPath string, env []string, bin string, args ...string) (*process, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close() // the child has its own copy
 	cmd := exec.Command(bin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
