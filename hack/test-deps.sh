@@ -2,7 +2,7 @@
 # Installs what the tests need and prints the directory of the built tools:
 #   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
-#     registry, crane, containerd 2.x
+#     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kube-apiserver helm controller-gen)
+tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.
