@@ -29,8 +29,10 @@ import (
 	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 	"github.com/imagemesh/imagemesh/pkg/peering"
 	"github.com/imagemesh/imagemesh/pkg/source"
+	"github.com/imagemesh/imagemesh/pkg/source/ipfs"
 )
 
 // Version is set at build time.
@@ -90,7 +92,19 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	trusted := source.NewChain(source.Link{Source: upstream, ResolveTags: true})
+	// The registries' decentralized sources (IPFS roots) are asked before the registry for content;
+	// for tags, after it: a published root can be older than the registry, and is the fallback when
+	// the registry is down or absent.
+	decentralized := source.NewByRegistry()
+	static, err := decentralizedSources(cfg.Upstreams)
+	if err != nil {
+		return err
+	}
+	decentralized.Set(static)
+	trusted := source.NewChain(
+		source.Link{Source: decentralized, TagFallback: true},
+		source.Link{Source: upstream, ResolveTags: true},
+	)
 	chain := trusted
 	var m *mirror.Mirror
 	var cs *clusterSync
@@ -104,6 +118,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName,
 			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries, staticRegistries: cfg.Registries,
 			upstream: upstream, mirror: func() *mirror.Mirror { return m },
+			decentralized: decentralized, staticSources: static,
 			log: log.With("component", "cluster"), prefetched: map[string]bool{},
 		}
 		cs.registries, cs.syncs = newClusterMetrics(reg)
@@ -123,6 +138,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		chain = source.NewChain(
 			source.Link{Source: peers, TagFallback: cfg.Peering.ResolveTags || cs != nil},
+			source.Link{Source: decentralized, TagFallback: true},
 			source.Link{Source: upstream, ResolveTags: true},
 		)
 	}
@@ -266,6 +282,9 @@ func newServer(h http.Handler, log *slog.Logger) *http.Server {
 func endpoints(ups []Upstream) (map[string]source.Endpoint, error) {
 	eps := make(map[string]source.Endpoint, len(ups))
 	for _, u := range ups {
+		if u.Endpoint == "" {
+			continue // https://<host>
+		}
 		ep, err := url.Parse(u.Endpoint)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %s: %w", u.Host, err)
@@ -394,4 +413,28 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 	}
 	rc.UserAgent = "imagemesh-node-agent/" + Version
 	return kubernetes.NewForConfig(rc)
+}
+
+// decentralizedSources builds the sources the configuration names for each registry.
+func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
+	out := map[string][]source.Source{}
+	for _, u := range ups {
+		for _, spec := range u.Sources {
+			src, err := newSource(spec)
+			if err != nil {
+				return nil, fmt.Errorf("upstream %s: %w", u.Host, err)
+			}
+			out[u.Host] = append(out[u.Host], src)
+		}
+	}
+	return out, nil
+}
+
+// newSource builds one decentralized source.
+func newSource(spec mirrorconfig.Source) (source.Source, error) {
+	switch spec.Type {
+	case "IPFS":
+		return ipfs.New(ipfs.Options{API: spec.Endpoint, Root: spec.Root})
+	}
+	return nil, fmt.Errorf("%s sources are not supported yet", spec.Type)
 }

@@ -44,10 +44,14 @@ type clusterSync struct {
 	staticHosts []string // hosts.toml the agent's own configuration asks for
 	// staticRegistries are registries the agent's own configuration allows besides the cluster's.
 	staticRegistries []string
-	upstream         *source.Registry
-	mirror           func() *mirror.Mirror
-	log              *slog.Logger
+	// decentralized gets each registry's sources: the agent's own, then its ImageSource's.
+	decentralized *source.ByRegistry
+	staticSources map[string][]source.Source
+	upstream      *source.Registry
+	mirror        func() *mirror.Mirror
+	log           *slog.Logger
 
+	built      map[mirrorconfig.Source]source.Source // sources kept across syncs (connections, IPNS cache)
 	registries prometheus.Gauge
 	syncs      *prometheus.CounterVec
 
@@ -155,6 +159,21 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 	if err := c.upstream.SetEndpoints(endpoints); err != nil {
 		return err
 	}
+	sources := map[string][]source.Source{}
+	for host, srcs := range c.staticSources {
+		sources[host] = append(sources[host], srcs...)
+	}
+	for _, r := range mine {
+		for _, spec := range r.Sources {
+			src, err := c.source(spec)
+			if err != nil {
+				c.log.Warn("source skipped", "registry", r.Host, "imageSource", r.ImageSource, "type", spec.Type, "err", err)
+				continue
+			}
+			sources[r.Host] = append(sources[r.Host], src)
+		}
+	}
+	c.decentralized.Set(sources)
 	// In a cluster the agent serves the registries its node mirrors, and those its own configuration
 	// names; it is no open proxy for anything a pod asks of it.
 	if m := c.mirror(); m != nil {
@@ -339,4 +358,22 @@ func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus
 	}, []string{"result"})
 	reg.MustRegister(g, c)
 	return g, c
+}
+
+// source returns the source for spec, the same one as long as spec does not change.
+func (c *clusterSync) source(spec mirrorconfig.Source) (source.Source, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if src, ok := c.built[spec]; ok {
+		return src, nil
+	}
+	src, err := newSource(spec)
+	if err != nil {
+		return nil, err
+	}
+	if c.built == nil {
+		c.built = map[mirrorconfig.Source]source.Source{}
+	}
+	c.built[spec] = src
+	return src, nil
 }

@@ -18,6 +18,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 )
 
 // Config is the agent's configuration. The YAML file uses these field names; flags override them.
@@ -68,6 +69,9 @@ type Upstream struct {
 	PasswordFile       string `json:"passwordFile,omitempty"`
 	CAFile             string `json:"caFile,omitempty"`
 	InsecureSkipVerify bool   `json:"insecureSkipVerify,omitempty"`
+	// Sources hold this registry's images besides the registry itself, asked after the peers and
+	// before the registry: IPFS roots (and, later, Storj buckets), in the registry storage layout.
+	Sources []mirrorconfig.Source `json:"sources,omitempty"`
 }
 
 // HostConfigConfig says which containerd hosts.toml files the agent writes.
@@ -234,8 +238,15 @@ func (c *Config) Validate() error {
 		}
 		seen[u.Host] = true
 		ep, err := url.Parse(u.Endpoint)
-		if err != nil || (ep.Scheme != "http" && ep.Scheme != "https") || ep.Host == "" || ep.User != nil || (ep.Path != "" && ep.Path != "/") {
+		if u.Endpoint == "" && len(u.Sources) > 0 {
+			// A registry served from decentralized sources only: its host need not exist.
+		} else if err != nil || (ep.Scheme != "http" && ep.Scheme != "https") || ep.Host == "" || ep.User != nil || (ep.Path != "" && ep.Path != "/") {
 			errs = append(errs, fmt.Errorf("upstream %s: endpoint %q: want http(s)://host[:port], no path or credentials", u.Host, u.Endpoint))
+		}
+		for i, src := range u.Sources {
+			if err := validateSource(src); err != nil {
+				errs = append(errs, fmt.Errorf("upstream %s: sources[%d]: %w", u.Host, i, err))
+			}
 		}
 		if u.PasswordFile != "" && u.Username == "" {
 			errs = append(errs, fmt.Errorf("upstream %s: passwordFile without username", u.Host))
@@ -358,4 +369,17 @@ func (p PeeringConfig) validate() []error {
 		errs = append(errs, errors.New("peering: reprovideInterval and provideRate must not be negative"))
 	}
 	return errs
+}
+
+func validateSource(s mirrorconfig.Source) error {
+	switch s.Type {
+	case "IPFS":
+		if s.Root == "" || s.Endpoint == "" {
+			return errors.New("an IPFS source needs root and endpoint (the kubo RPC API)")
+		}
+		return nil
+	case "Storj":
+		return errors.New("Storj sources are not supported yet")
+	}
+	return fmt.Errorf("type %q: want IPFS", s.Type)
 }

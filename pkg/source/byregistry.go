@@ -1,0 +1,52 @@
+package source
+
+import (
+	"context"
+	"sync"
+
+	"github.com/distribution/reference"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// ByRegistry asks, for each registry host, the sources configured for it, in order: an ImageSource's
+// Storj buckets and IPFS roots hold the images of its registries only. A host with no sources is
+// ErrNotFound. The sources can be replaced while it serves.
+type ByRegistry struct {
+	mu      sync.RWMutex
+	sources map[string][]Source
+}
+
+// NewByRegistry returns a ByRegistry with no sources.
+func NewByRegistry() *ByRegistry { return &ByRegistry{sources: map[string][]Source{}} }
+
+// Set replaces every host's sources.
+func (b *ByRegistry) Set(sources map[string][]Source) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.sources = sources
+}
+
+func (b *ByRegistry) chain(repo reference.Named) *Chain {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	srcs := b.sources[reference.Domain(repo)]
+	links := make([]Link, 0, len(srcs))
+	for _, s := range srcs {
+		links = append(links, Link{Source: s, ResolveTags: true})
+	}
+	return NewChain(links...)
+}
+
+func (b *ByRegistry) Name() string { return "decentralized" }
+
+func (b *ByRegistry) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
+	return b.chain(repo).Resolve(ctx, repo, tag)
+}
+
+func (b *ByRegistry) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
+	return b.chain(obj.Repo).Stat(ctx, obj)
+}
+
+func (b *ByRegistry) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
+	return b.chain(obj.Repo).Open(ctx, obj, offset)
+}
