@@ -1,0 +1,415 @@
+// Package ipfs is a distribution/v3 storage driver that keeps the registry's storage layout in IPFS,
+// in a kubo node's mutable file system (MFS), through its RPC API. Uploads stream into MFS (no blob is
+// held in memory), reads go by path and offset, and the root of the layout is an IPFS directory whose
+// CID can be published (IPNS, DNSLink) for nodes to pull from.
+//
+// Every file is written in one way: `files/write` with CIDv1 and raw leaves, in a single stream when
+// the registry writes a blob in one go (as a push of a layer does), so that the same layer pushed by
+// independent publishers gets the same CID. The driver never caches content: what it returns is what
+// kubo holds, and the registry verifies digests as it always does.
+package ipfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"path"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/distribution/distribution/v3/registry/storage/driver/base"
+	"github.com/distribution/distribution/v3/registry/storage/driver/factory"
+	"github.com/ipfs/kubo/client/rpc"
+)
+
+// DriverName is the name the registry's configuration uses: storage: {ipfs: {api: ..., root: ...}}.
+const DriverName = "ipfs"
+
+func init() { factory.Register(DriverName, ipfsFactory{}) }
+
+type ipfsFactory struct{}
+
+func (ipfsFactory) Create(_ context.Context, params map[string]any) (driver.StorageDriver, error) {
+	return FromParameters(params)
+}
+
+// Parameters configure the driver.
+type Parameters struct {
+	// API is the kubo RPC API, e.g. http://127.0.0.1:5001.
+	API string
+	// Root is the MFS directory the layout lives under. Default /imagemesh.
+	Root       string
+	HTTPClient *http.Client
+}
+
+// FromParameters reads the registry configuration's parameters: api (required) and root.
+func FromParameters(params map[string]any) (*Driver, error) {
+	p := Parameters{}
+	if v, ok := params["api"].(string); ok {
+		p.API = v
+	}
+	if v, ok := params["root"].(string); ok {
+		p.Root = v
+	}
+	return New(p)
+}
+
+// Driver is the ipfs storage driver.
+type Driver struct {
+	base.Base
+	d *mfsDriver
+}
+
+// New returns a driver over the kubo node at p.API. It creates the root directory.
+func New(p Parameters) (*Driver, error) {
+	if p.API == "" {
+		return nil, errors.New("ipfs driver: api (the kubo RPC API URL) is required")
+	}
+	if p.Root == "" {
+		p.Root = "/imagemesh"
+	}
+	if !strings.HasPrefix(p.Root, "/") {
+		return nil, fmt.Errorf("ipfs driver: root %q must be an absolute MFS path", p.Root)
+	}
+	if p.HTTPClient == nil {
+		p.HTTPClient = &http.Client{}
+	}
+	api, err := rpc.NewURLApiWithClient(p.API, p.HTTPClient)
+	if err != nil {
+		return nil, fmt.Errorf("ipfs driver: %w", err)
+	}
+	d := &mfsDriver{api: api, root: path.Clean(p.Root), mtimes: map[string]time.Time{}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := api.Request("files/mkdir", d.root).Option("parents", true).Exec(ctx, nil); err != nil {
+		return nil, fmt.Errorf("ipfs driver: create %s on %s: %w", d.root, p.API, err)
+	}
+	return &Driver{Base: base.Base{StorageDriver: d}, d: d}, nil
+}
+
+// RootCID is the CID of the layout's root directory now: what a node pulls from, and what is published.
+func (d *Driver) RootCID(ctx context.Context) (string, error) {
+	return d.d.hash(ctx, d.d.root)
+}
+
+// mfsDriver implements the driver over MFS; base.Base validates paths and names the driver in errors.
+type mfsDriver struct {
+	api  *rpc.HttpApi
+	root string
+
+	// MFS keeps a file's mtime in its DAG, which would change its CID: modification times are the
+	// driver's own, kept in memory. After a restart, files report the time the driver started.
+	mu      sync.Mutex
+	mtimes  map[string]time.Time
+	started time.Time
+}
+
+func (d *mfsDriver) Name() string { return DriverName }
+
+func (d *mfsDriver) full(p string) string { return path.Join(d.root, p) }
+
+func (d *mfsDriver) touch(p string) {
+	d.mu.Lock()
+	d.mtimes[p] = time.Now()
+	d.mu.Unlock()
+}
+
+func (d *mfsDriver) mtime(p string) time.Time {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if t, ok := d.mtimes[p]; ok {
+		return t
+	}
+	if d.started.IsZero() {
+		d.started = time.Now()
+	}
+	return d.started
+}
+
+func (d *mfsDriver) forget(prefix string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for p := range d.mtimes {
+		if p == prefix || strings.HasPrefix(p, prefix+"/") {
+			delete(d.mtimes, p)
+		}
+	}
+}
+
+// write writes body at p: from offset, or replacing the file when truncate.
+func (d *mfsDriver) write(ctx context.Context, p string, body io.Reader, offset int64, truncate bool) error {
+	req := d.api.Request("files/write", d.full(p)).
+		Option("create", true).Option("parents", true).
+		Option("raw-leaves", true).Option("cid-version", 1)
+	if truncate {
+		req = req.Option("truncate", true)
+	} else {
+		req = req.Option("offset", offset)
+	}
+	return req.FileBody(body).Exec(ctx, nil)
+}
+
+func (d *mfsDriver) GetContent(ctx context.Context, p string) ([]byte, error) {
+	rc, err := d.Reader(ctx, p, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	return io.ReadAll(rc)
+}
+
+func (d *mfsDriver) PutContent(ctx context.Context, p string, content []byte) error {
+	if err := d.write(ctx, p, strings.NewReader(string(content)), 0, true); err != nil {
+		return d.fail(p, err)
+	}
+	d.touch(p)
+	return nil
+}
+
+func (d *mfsDriver) Reader(ctx context.Context, p string, offset int64) (io.ReadCloser, error) {
+	st, err := d.stat(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	if st.Type != "file" {
+		return nil, driver.PathNotFoundError{Path: p, DriverName: DriverName}
+	}
+	if offset < 0 || offset > int64(st.Size) {
+		return nil, driver.InvalidOffsetError{Path: p, Offset: offset, DriverName: DriverName}
+	}
+	resp, err := d.api.Request("files/read", d.full(p)).Option("offset", offset).Send(ctx)
+	if err == nil && resp.Error != nil {
+		err = resp.Error
+	}
+	if err != nil {
+		return nil, d.fail(p, err)
+	}
+	return resp.Output, nil
+}
+
+func (d *mfsDriver) Writer(ctx context.Context, p string, append bool) (driver.FileWriter, error) {
+	w := &writer{d: d, path: p}
+	if append {
+		st, err := d.stat(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		w.size = int64(st.Size)
+	} else if err := d.write(ctx, p, strings.NewReader(""), 0, true); err != nil {
+		// The file exists, empty, from now on: a writer that is committed without a byte leaves an
+		// empty file, as on a filesystem.
+		return nil, d.fail(p, err)
+	}
+	return w, nil
+}
+
+type statOutput struct {
+	Hash string
+	Size uint64
+	Type string
+}
+
+func (d *mfsDriver) stat(ctx context.Context, p string) (*statOutput, error) {
+	var st statOutput
+	if err := d.api.Request("files/stat", d.full(p)).Exec(ctx, &st); err != nil {
+		return nil, d.fail(p, err)
+	}
+	return &st, nil
+}
+
+func (d *mfsDriver) hash(ctx context.Context, full string) (string, error) {
+	var st statOutput
+	if err := d.api.Request("files/stat", full).Exec(ctx, &st); err != nil {
+		return "", err
+	}
+	return st.Hash, nil
+}
+
+func (d *mfsDriver) Stat(ctx context.Context, p string) (driver.FileInfo, error) {
+	st, err := d.stat(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	fi := driver.FileInfoFields{Path: p, IsDir: st.Type == "directory", ModTime: d.mtime(p)}
+	if !fi.IsDir {
+		fi.Size = int64(st.Size)
+	}
+	return driver.FileInfoInternal{FileInfoFields: fi}, nil
+}
+
+func (d *mfsDriver) List(ctx context.Context, p string) ([]string, error) {
+	var out struct {
+		Entries []struct{ Name string }
+	}
+	if err := d.api.Request("files/ls", d.full(p)).Option("U", true).Exec(ctx, &out); err != nil {
+		return nil, d.fail(p, err)
+	}
+	st, err := d.stat(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	if st.Type != "directory" {
+		return nil, driver.PathNotFoundError{Path: p, DriverName: DriverName}
+	}
+	names := make([]string, 0, len(out.Entries))
+	for _, e := range out.Entries {
+		names = append(names, path.Join(p, e.Name))
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
+	if _, err := d.stat(ctx, src); err != nil {
+		return err
+	}
+	if err := d.api.Request("files/mkdir", d.full(path.Dir(dst))).Option("parents", true).Exec(ctx, nil); err != nil {
+		return d.fail(dst, err)
+	}
+	// mv does not replace: what is at dst goes first.
+	if err := d.api.Request("files/rm", d.full(dst)).Option("recursive", true).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
+		return d.fail(dst, err)
+	}
+	if err := d.api.Request("files/mv", d.full(src), d.full(dst)).Exec(ctx, nil); err != nil {
+		return d.fail(src, err)
+	}
+	d.mu.Lock()
+	t, ok := d.mtimes[src]
+	delete(d.mtimes, src)
+	if ok {
+		d.mtimes[dst] = t
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *mfsDriver) Delete(ctx context.Context, p string) error {
+	if _, err := d.stat(ctx, p); err != nil {
+		return err
+	}
+	if err := d.api.Request("files/rm", d.full(p)).Option("recursive", true).Exec(ctx, nil); err != nil {
+		return d.fail(p, err)
+	}
+	d.forget(p)
+	return nil
+}
+
+// RedirectURL is empty: clients read through the registry.
+func (d *mfsDriver) RedirectURL(*http.Request, string) (string, error) { return "", nil }
+
+func (d *mfsDriver) Walk(ctx context.Context, p string, f driver.WalkFn, options ...func(*driver.WalkOptions)) error {
+	return driver.WalkFallback(ctx, d, p, f, options...)
+}
+
+func isNotFound(err error) bool {
+	var rerr *rpc.Error
+	if errors.As(err, &rerr) {
+		m := rerr.Message
+		return strings.Contains(m, "does not exist") || strings.Contains(m, "not found") || strings.Contains(m, "no link named")
+	}
+	return false
+}
+
+// fail turns kubo's answers into the driver's errors.
+func (d *mfsDriver) fail(p string, err error) error {
+	if isNotFound(err) {
+		return driver.PathNotFoundError{Path: p, DriverName: DriverName}
+	}
+	return driver.Error{DriverName: DriverName, Detail: fmt.Errorf("%s: %w", p, err)}
+}
+
+// writer streams one session of writes into a file: a single files/write request whose body is fed
+// by Write, started by the first Write at the size the file had.
+type writer struct {
+	d      *mfsDriver
+	path   string
+	size   int64
+	pw     *io.PipeWriter
+	done   chan error
+	closed bool
+	commit bool
+	cancel bool
+}
+
+func (w *writer) Write(b []byte) (int, error) {
+	switch {
+	case w.closed:
+		return 0, errors.New("ipfs driver: write to a closed writer")
+	case w.commit:
+		return 0, errors.New("ipfs driver: write to a committed writer")
+	case w.cancel:
+		return 0, errors.New("ipfs driver: write to a cancelled writer")
+	}
+	if w.pw == nil {
+		pr, pw := io.Pipe()
+		w.pw, w.done = pw, make(chan error, 1)
+		offset := w.size
+		go func() {
+			err := w.d.write(context.Background(), w.path, pr, offset, false)
+			pr.CloseWithError(err) // unblocks Write if kubo stopped reading
+			w.done <- err
+		}()
+	}
+	n, err := w.pw.Write(b)
+	w.size += int64(n)
+	if err != nil {
+		return n, w.d.fail(w.path, err)
+	}
+	return n, nil
+}
+
+// finish ends the session's request and waits for kubo to have the bytes.
+func (w *writer) finish() error {
+	if w.pw == nil {
+		return nil
+	}
+	w.pw.Close()
+	err := <-w.done
+	w.pw = nil
+	if err != nil {
+		return w.d.fail(w.path, err)
+	}
+	w.d.touch(w.path)
+	return nil
+}
+
+func (w *writer) Size() int64 { return w.size }
+
+func (w *writer) Close() error {
+	if w.closed {
+		return errors.New("ipfs driver: writer already closed")
+	}
+	w.closed = true
+	return w.finish()
+}
+
+func (w *writer) Cancel(ctx context.Context) error {
+	if w.closed {
+		return errors.New("ipfs driver: writer already closed")
+	}
+	w.cancel = true
+	if w.pw != nil {
+		w.pw.CloseWithError(errors.New("cancelled"))
+		<-w.done
+		w.pw = nil
+	}
+	return w.d.Delete(ctx, w.path)
+}
+
+func (w *writer) Commit(context.Context) error {
+	switch {
+	case w.closed:
+		return errors.New("ipfs driver: writer already closed")
+	case w.commit:
+		return errors.New("ipfs driver: writer already committed")
+	case w.cancel:
+		return errors.New("ipfs driver: writer already cancelled")
+	}
+	w.commit = true
+	return w.finish()
+}
