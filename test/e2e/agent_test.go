@@ -19,7 +19,7 @@ import (
 	"github.com/imagemesh/imagemesh/internal/testenv"
 )
 
-var agentBin, controllerBin string
+var agentBin, controllerBin, imagemeshBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "imagemesh-e2e-")
@@ -29,7 +29,8 @@ func TestMain(m *testing.M) {
 	}
 	agentBin = filepath.Join(dir, "node-agent")
 	controllerBin = filepath.Join(dir, "controller")
-	build := exec.Command("go", "build", "-o", dir+"/", "github.com/imagemesh/imagemesh/cmd/node-agent", "github.com/imagemesh/imagemesh/cmd/controller")
+	imagemeshBin = filepath.Join(dir, "imagemesh")
+	build := exec.Command("go", "build", "-o", dir+"/", "github.com/imagemesh/imagemesh/cmd/node-agent", "github.com/imagemesh/imagemesh/cmd/controller", "github.com/imagemesh/imagemesh/cmd/imagemesh")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build node-agent and controller:", err)

@@ -3,13 +3,14 @@
 // held in memory), reads go by path and offset, and the root of the layout is an IPFS directory whose
 // CID can be published (IPNS, DNSLink) for nodes to pull from.
 //
-// Every file is written in one way: `files/write` with CIDv1 and raw leaves, in a single stream when
-// the registry writes a blob in one go (as a push of a layer does), so that the same layer pushed by
-// independent publishers gets the same CID. The driver never caches content: what it returns is what
+// Every file is written in one way: as `ipfs add --cid-version=1 --raw-leaves` adds it (the balanced
+// DAG of 256 KiB raw leaves), so that the same layer pushed by independent publishers, or added by
+// hand, gets the same CID. The driver never caches content: what it returns is what
 // kubo holds, and the registry verifies digests as it always does.
 package ipfs
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -83,7 +84,7 @@ func New(p Parameters) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ipfs driver: %w", err)
 	}
-	d := &mfsDriver{api: api, root: path.Clean(p.Root), mtimes: map[string]time.Time{}}
+	d := &mfsDriver{api: api, root: path.Clean(p.Root), mtimes: map[string]time.Time{}, appended: map[string]bool{}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := api.Request("files/mkdir", d.root).Option("parents", true).Exec(ctx, nil); err != nil {
@@ -107,6 +108,8 @@ type mfsDriver struct {
 	mu      sync.Mutex
 	mtimes  map[string]time.Time
 	started time.Time
+	// appended are files written past offset 0 in a later session: not in canonical form.
+	appended map[string]bool
 }
 
 func (d *mfsDriver) Name() string { return DriverName }
@@ -141,17 +144,47 @@ func (d *mfsDriver) forget(prefix string) {
 	}
 }
 
-// write writes body at p: from offset, or replacing the file when truncate.
-func (d *mfsDriver) write(ctx context.Context, p string, body io.Reader, offset int64, truncate bool) error {
-	req := d.api.Request("files/write", d.full(p)).
-		Option("create", true).Option("parents", true).
-		Option("raw-leaves", true).Option("cid-version", 1)
-	if truncate {
-		req = req.Option("truncate", true)
-	} else {
-		req = req.Option("offset", offset)
+// write writes body at p from offset. A write from offset 0 replaces the file with a new one, added
+// as `ipfs add --cid-version=1 --raw-leaves` adds it: the canonical DAG, the same CID for the same
+// bytes whoever publishes them. A write past 0 appends through MFS, which builds another DAG shape;
+// such a file is made canonical again when it is moved into place (Move).
+func (d *mfsDriver) write(ctx context.Context, p string, body io.Reader, offset int64) error {
+	if offset > 0 {
+		err := d.api.Request("files/write", d.full(p)).
+			Option("offset", offset).Option("raw-leaves", true).Option("cid-version", 1).
+			FileBody(body).Exec(ctx, nil)
+		if err == nil {
+			d.mu.Lock()
+			d.appended[p] = true
+			d.mu.Unlock()
+		}
+		return err
 	}
-	return req.FileBody(body).Exec(ctx, nil)
+	return d.add(ctx, p, body)
+}
+
+// add adds body as a new file and links it at p, replacing what was there.
+func (d *mfsDriver) add(ctx context.Context, p string, body io.Reader) error {
+	var out struct{ Hash string }
+	err := d.api.Request("add").
+		Option("cid-version", 1).Option("raw-leaves", true).Option("pin", false).Option("quieter", true).
+		FileBody(body).Exec(ctx, &out)
+	if err != nil {
+		return err
+	}
+	if out.Hash == "" {
+		return errors.New("add returned no CID")
+	}
+	if err := d.api.Request("files/rm", d.full(p)).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
+		return err
+	}
+	if err := d.api.Request("files/cp", "/ipfs/"+out.Hash, d.full(p)).Option("parents", true).Exec(ctx, nil); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	delete(d.appended, p)
+	d.mu.Unlock()
+	return nil
 }
 
 func (d *mfsDriver) GetContent(ctx context.Context, p string) ([]byte, error) {
@@ -164,7 +197,7 @@ func (d *mfsDriver) GetContent(ctx context.Context, p string) ([]byte, error) {
 }
 
 func (d *mfsDriver) PutContent(ctx context.Context, p string, content []byte) error {
-	if err := d.write(ctx, p, strings.NewReader(string(content)), 0, true); err != nil {
+	if err := d.add(ctx, p, bytes.NewReader(content)); err != nil {
 		return d.fail(p, err)
 	}
 	d.touch(p)
@@ -200,7 +233,7 @@ func (d *mfsDriver) Writer(ctx context.Context, p string, append bool) (driver.F
 			return nil, err
 		}
 		w.size = int64(st.Size)
-	} else if err := d.write(ctx, p, strings.NewReader(""), 0, true); err != nil {
+	} else if err := d.add(ctx, p, bytes.NewReader(nil)); err != nil {
 		// The file exists, empty, from now on: a writer that is committed without a byte leaves an
 		// empty file, as on a filesystem.
 		return nil, d.fail(p, err)
@@ -275,7 +308,16 @@ func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
 	if err := d.api.Request("files/rm", d.full(dst)).Option("recursive", true).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
 		return d.fail(dst, err)
 	}
-	if err := d.api.Request("files/mv", d.full(src), d.full(dst)).Exec(ctx, nil); err != nil {
+	d.mu.Lock()
+	appended := d.appended[src]
+	d.mu.Unlock()
+	if appended && strings.Contains(dst, "/blobs/") {
+		// A blob assembled from several sessions is added again in one, so that its CID is the one
+		// any publisher of the same bytes gets.
+		if err := d.canonicalize(ctx, src, dst); err != nil {
+			return d.fail(src, err)
+		}
+	} else if err := d.api.Request("files/mv", d.full(src), d.full(dst)).Exec(ctx, nil); err != nil {
 		return d.fail(src, err)
 	}
 	d.mu.Lock()
@@ -284,8 +326,28 @@ func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
 	if ok {
 		d.mtimes[dst] = t
 	}
+	if d.appended[src] {
+		delete(d.appended, src)
+		d.appended[dst] = true
+	}
 	d.mu.Unlock()
 	return nil
+}
+
+func (d *mfsDriver) canonicalize(ctx context.Context, src, dst string) error {
+	resp, err := d.api.Request("files/read", d.full(src)).Send(ctx)
+	if err == nil && resp.Error != nil {
+		err = resp.Error
+	}
+	if err != nil {
+		return err
+	}
+	defer resp.Close()
+	if err := d.add(ctx, dst, resp.Output); err != nil {
+		return err
+	}
+	d.forget(src)
+	return d.api.Request("files/rm", d.full(src)).Option("force", true).Exec(ctx, nil)
 }
 
 func (d *mfsDriver) Delete(ctx context.Context, p string) error {
@@ -350,7 +412,7 @@ func (w *writer) Write(b []byte) (int, error) {
 		w.pw, w.done = pw, make(chan error, 1)
 		offset := w.size
 		go func() {
-			err := w.d.write(context.Background(), w.path, pr, offset, false)
+			err := w.d.write(context.Background(), w.path, pr, offset)
 			pr.CloseWithError(err) // unblocks Write if kubo stopped reading
 			w.done <- err
 		}()
