@@ -142,7 +142,7 @@ func startController(t *testing.T, kubeconfig, ns string) {
 	})
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {

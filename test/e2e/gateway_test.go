@@ -12,7 +12,7 @@ import (
 )
 
 // startGateway runs `imagemesh gateway` storing into kubo k, and returns its host:port.
-func startGateway(t *testing.T, k *testenv.Kubo) string {
+func startGateway(t testing.TB, k *testenv.Kubo) string {
 	t.Helper()
 	addr := testenv.FreeAddr(t)
 	log := filepath.Join(t.TempDir(), "gateway.log")
@@ -41,7 +41,7 @@ func startGateway(t *testing.T, k *testenv.Kubo) string {
 	return addr
 }
 
-func imagemesh(t *testing.T, args ...string) string {
+func imagemesh(t testing.TB, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(imagemeshBin, args...).CombinedOutput()
 	if err != nil {

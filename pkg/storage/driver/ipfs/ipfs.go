@@ -10,6 +10,7 @@
 package ipfs
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -392,6 +393,7 @@ type writer struct {
 	path   string
 	size   int64
 	pw     *io.PipeWriter
+	buf    *bufio.Writer // large writes into the request: the registry copies in 32 KiB pieces
 	done   chan error
 	closed bool
 	commit bool
@@ -410,6 +412,7 @@ func (w *writer) Write(b []byte) (int, error) {
 	if w.pw == nil {
 		pr, pw := io.Pipe()
 		w.pw, w.done = pw, make(chan error, 1)
+		w.buf = bufio.NewWriterSize(pw, 1<<20)
 		offset := w.size
 		go func() {
 			err := w.d.write(context.Background(), w.path, pr, offset)
@@ -417,7 +420,7 @@ func (w *writer) Write(b []byte) (int, error) {
 			w.done <- err
 		}()
 	}
-	n, err := w.pw.Write(b)
+	n, err := w.buf.Write(b)
 	w.size += int64(n)
 	if err != nil {
 		return n, w.d.fail(w.path, err)
@@ -429,6 +432,12 @@ func (w *writer) Write(b []byte) (int, error) {
 func (w *writer) finish() error {
 	if w.pw == nil {
 		return nil
+	}
+	if err := w.buf.Flush(); err != nil {
+		w.pw.CloseWithError(err)
+		<-w.done
+		w.pw = nil
+		return w.d.fail(w.path, err)
 	}
 	w.pw.Close()
 	err := <-w.done
