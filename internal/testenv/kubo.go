@@ -24,8 +24,19 @@ type Kubo struct {
 	proc  *process
 }
 
+// KuboOption changes a node's configuration before it starts.
+type KuboOption func(t testing.TB, k *Kubo)
+
+// WithDNSResolver makes the node resolve names under domain (e.g. "example.test.") through the DoH
+// server at url (StartDoH): DNSLink records for the test.
+func WithDNSResolver(domain, url string) KuboOption {
+	return func(t testing.TB, k *Kubo) {
+		k.run(t, "config", "--json", "DNS.Resolvers", fmt.Sprintf(`{%q: %q}`, domain, url))
+	}
+}
+
 // StartKubo initialises and starts an ipfs daemon for the test and stops it when the test ends.
-func StartKubo(t testing.TB) *Kubo {
+func StartKubo(t testing.TB, opts ...KuboOption) *Kubo {
 	t.Helper()
 	k := &Kubo{bin: Tool(t, "ipfs"), dir: shortTempDir(t, "kubo")}
 	k.run(t, "init", "--profile=test", "--empty-repo")
@@ -36,6 +47,9 @@ func StartKubo(t testing.TB) *Kubo {
 	// The DHT of the nodes the test connects, and nothing else: IPNS records go between them, blocks
 	// come over bitswap from connected peers.
 	k.run(t, "config", "Routing.Type", "dht")
+	for _, opt := range opts {
+		opt(t, k)
+	}
 	id := strings.TrimSpace(k.run(t, "config", "Identity.PeerID"))
 	k.API = "http://" + api
 	k.Swarm = fmt.Sprintf("/ip4/127.0.0.1/tcp/%s/p2p/%s", strings.Split(swarm, ":")[1], id)

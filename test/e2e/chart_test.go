@@ -53,7 +53,8 @@ func TestHelmChart(t *testing.T) {
 	for name, set := range map[string][]string{
 		"default": nil,
 		"custom": {"fullnameOverride=mesh", "agent.cacheMaxBytes=50GiB", "agent.peersResolveTags=true", "agent.nodeSelector.pool=gpu",
-			"peering.existingSecret=cluster-key", "metrics.serviceMonitor.enabled=true", "controller.replicas=2", "agent.extraArgs={--tag-ttl=1m}"},
+			"peering.existingSecret=cluster-key", "metrics.serviceMonitor.enabled=true", "controller.replicas=2", "agent.extraArgs={--tag-ttl=1m}",
+			"ipfs.kubo.enabled=true", "ipfs.kubo.peers={/ip4/10.0.0.9/tcp/4001/p2p/12D3KooWDJairjG2pDATRRpKRdCx1CN3hG58rQHAWCcagKtKAfna}"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			objs := render(t, helm, ns, set...)
@@ -99,7 +100,7 @@ func TestHelmChart(t *testing.T) {
 				t.Errorf("agent reads %v, controller writes %q", args, configMapArg)
 			}
 			if name == "custom" {
-				if kinds["ServiceMonitor"] != 2 || kinds["Secret"] != 0 || !slices.Contains(args, "--peer-resolve-tags") ||
+				if kinds["ServiceMonitor"] != 2 || kinds["Secret"] != 0 || kinds["ConfigMap"] != 1 || !slices.Contains(args, "--peer-resolve-tags") ||
 					!slices.Contains(args, "--cache-max-bytes=50GiB") || !slices.Contains(args, "--tag-ttl=1m") {
 					t.Errorf("custom values not rendered: kinds %v, args %v", kinds, args)
 				}

@@ -37,3 +37,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "imagemesh.peeringSecret" -}}
 {{ default (printf "%s-peering" (include "imagemesh.fullname" .)) .Values.peering.existingSecret }}
 {{- end }}
+
+{{- /* kubo's Peering.Peers from multiaddrs ending in /p2p/<id>. */}}
+{{- define "imagemesh.kuboPeers" -}}
+{{- $peers := list }}
+{{- range .Values.ipfs.kubo.peers }}
+{{- $parts := splitList "/p2p/" . }}
+{{- $peers = append $peers (dict "ID" (last $parts) "Addrs" (list (first $parts))) }}
+{{- end }}
+{{- $peers | toJson }}
+{{- end }}

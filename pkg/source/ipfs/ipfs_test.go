@@ -127,3 +127,36 @@ func TestBadInput(t *testing.T) {
 }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// A root named by a DNSLink domain: kubo resolves _dnslink.<domain> (here through a DoH server of the
+// test's own) to the published root.
+func TestDNSLinkRoot(t *testing.T) {
+	pub := testenv.StartKubo(t)
+	root, manifest, _ := published(t, pub)
+	doh := testenv.StartDoH(t, map[string][]string{"_dnslink.images.example.test.": {"dnslink=" + root}})
+	a := testenv.StartKubo(t, testenv.WithDNSResolver("example.test.", doh))
+	a.Connect(t, pub)
+	for _, name := range []string{"images.example.test", "/ipns/images.example.test"} {
+		src, err := ipfs.New(ipfs.Options{API: a.API, Root: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		repo, _ := reference.ParseNamed("example.test/team/app")
+		desc, err := src.Resolve(context.Background(), repo, "v1")
+		if err != nil || desc.Digest != digest.FromBytes(manifest) {
+			t.Fatalf("Resolve through DNSLink %s: %v %v", name, desc, err)
+		}
+	}
+	missing, _ := ipfs.New(ipfs.Options{API: a.API, Root: "nothing.example.test", Timeout: 5 * time.Second})
+	if _, err := missing.Resolve(context.Background(), reference.TrimNamed(mustNamed(t, "example.test/team/app")), "v1"); err == nil {
+		t.Fatal("a domain without a DNSLink record resolved")
+	}
+}
+
+func mustNamed(t *testing.T, s string) reference.Named {
+	n, err := reference.ParseNamed(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
