@@ -10,7 +10,6 @@
 package ipfs
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -392,8 +391,7 @@ type writer struct {
 	d      *mfsDriver
 	path   string
 	size   int64
-	pw     *io.PipeWriter
-	buf    *bufio.Writer // large writes into the request: the registry copies in 32 KiB pieces
+	pw     *chunkPipe
 	done   chan error
 	closed bool
 	commit bool
@@ -410,17 +408,16 @@ func (w *writer) Write(b []byte) (int, error) {
 		return 0, errors.New("ipfs driver: write to a cancelled writer")
 	}
 	if w.pw == nil {
-		pr, pw := io.Pipe()
-		w.pw, w.done = pw, make(chan error, 1)
-		w.buf = bufio.NewWriterSize(pw, 1<<20)
+		p := newChunkPipe()
+		w.pw, w.done = p, make(chan error, 1)
 		offset := w.size
 		go func() {
-			err := w.d.write(context.Background(), w.path, pr, offset)
-			pr.CloseWithError(err) // unblocks Write if kubo stopped reading
+			err := w.d.write(context.Background(), w.path, p, offset)
+			p.CloseRead(err) // unblocks Write if kubo stopped reading
 			w.done <- err
 		}()
 	}
-	n, err := w.buf.Write(b)
+	n, err := w.pw.Write(b)
 	w.size += int64(n)
 	if err != nil {
 		return n, w.d.fail(w.path, err)
@@ -433,13 +430,7 @@ func (w *writer) finish() error {
 	if w.pw == nil {
 		return nil
 	}
-	if err := w.buf.Flush(); err != nil {
-		w.pw.CloseWithError(err)
-		<-w.done
-		w.pw = nil
-		return w.d.fail(w.path, err)
-	}
-	w.pw.Close()
+	w.pw.CloseWrite(nil)
 	err := <-w.done
 	w.pw = nil
 	if err != nil {
@@ -465,7 +456,7 @@ func (w *writer) Cancel(ctx context.Context) error {
 	}
 	w.cancel = true
 	if w.pw != nil {
-		w.pw.CloseWithError(errors.New("cancelled"))
+		w.pw.CloseWrite(errors.New("cancelled"))
 		<-w.done
 		w.pw = nil
 	}
@@ -483,4 +474,116 @@ func (w *writer) Commit(context.Context) error {
 	}
 	w.commit = true
 	return w.finish()
+}
+
+// chunkPipe carries a writer's bytes to the request that sends them, in 1 MiB chunks, a few of them
+// buffered: the registry can read and hash the next megabyte while kubo takes the last one, where a
+// synchronous pipe would make each wait for the other.
+type chunkPipe struct {
+	chunks chan []byte
+	cur    []byte // being filled by Write
+	rd     []byte // being read by Read
+	werr   error  // why the writer closed, for Read after the last chunk
+	mu     sync.Mutex
+	rerr   error // why the reader gave up, for Write
+	closed chan struct{}
+	once   sync.Once
+}
+
+const (
+	chunkSize   = 1 << 20
+	chunksAhead = 8
+)
+
+func newChunkPipe() *chunkPipe {
+	return &chunkPipe{chunks: make(chan []byte, chunksAhead), closed: make(chan struct{})}
+}
+
+func (p *chunkPipe) Write(b []byte) (int, error) {
+	n := 0
+	for len(b) > 0 {
+		if p.cur == nil {
+			p.cur = make([]byte, 0, chunkSize)
+		}
+		k := copy(p.cur[len(p.cur):cap(p.cur)], b)
+		p.cur, b, n = p.cur[:len(p.cur)+k], b[k:], n+k
+		if len(p.cur) == cap(p.cur) {
+			if err := p.send(); err != nil {
+				return n, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (p *chunkPipe) send() error {
+	select {
+	case p.chunks <- p.cur:
+		p.cur = nil
+		return nil
+	case <-p.closed:
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.rerr
+	}
+}
+
+// CloseWrite sends what is left and ends the stream; err, if set, fails the reader instead.
+func (p *chunkPipe) CloseWrite(err error) {
+	if err == nil && len(p.cur) > 0 {
+		if p.send() != nil {
+			return
+		}
+	}
+	p.werr = err
+	close(p.chunks)
+}
+
+func (p *chunkPipe) Read(b []byte) (int, error) {
+	for len(p.rd) == 0 {
+		c, ok := <-p.chunks
+		if !ok {
+			if p.werr != nil {
+				return 0, p.werr
+			}
+			return 0, io.EOF
+		}
+		p.rd = c
+	}
+	n := copy(b, p.rd)
+	p.rd = p.rd[n:]
+	return n, nil
+}
+
+// WriteTo hands whole chunks to the request, not io.Copy's 32 KiB at a time.
+func (p *chunkPipe) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		if len(p.rd) == 0 {
+			c, ok := <-p.chunks
+			if !ok {
+				return total, p.werr
+			}
+			p.rd = c
+		}
+		n, err := w.Write(p.rd)
+		total += int64(n)
+		p.rd = p.rd[n:]
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// CloseRead is the reader giving up: writers fail with err from then on.
+func (p *chunkPipe) CloseRead(err error) {
+	p.once.Do(func() {
+		if err == nil {
+			err = io.ErrClosedPipe
+		}
+		p.mu.Lock()
+		p.rerr = err
+		p.mu.Unlock()
+		close(p.closed)
+	})
 }
