@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -202,10 +203,15 @@ func TestImageSourceLifecycle(t *testing.T) {
 	}
 	e.agentApplied("n1", hash)
 	e.agentApplied("n3", hash)
-	c := e.condition("public", imagemeshv1alpha1.ConditionReady, controller.ReasonApplying)
-	if is := e.imageSource("public"); is.Status.NodesSelected != 2 || is.Status.NodesConfigured != 1 || !strings.Contains(c.Message, "1 of 2") {
-		t.Fatalf("status %+v, %s", is.Status, c.Message)
-	}
+	// Both Leases reach the controller in their own time: wait for the status that counts both.
+	e.eventually("1 of 2 selected nodes configured", func() error {
+		is := e.imageSource("public")
+		c := meta.FindStatusCondition(is.Status.Conditions, imagemeshv1alpha1.ConditionReady)
+		if is.Status.NodesSelected != 2 || is.Status.NodesConfigured != 1 || c == nil || c.Reason != controller.ReasonApplying || !strings.Contains(c.Message, "1 of 2") {
+			return fmt.Errorf("status %+v", is.Status)
+		}
+		return nil
+	})
 	e.agentApplied("n2", "an-old-hash")
 	e.condition("public", imagemeshv1alpha1.ConditionReady, controller.ReasonApplying)
 	e.agentApplied("n2", hash)
@@ -217,7 +223,7 @@ func TestImageSourceLifecycle(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "second"},
 		Spec:       imagemeshv1alpha1.ImageSourceSpec{Registries: []string{"a.test", "c.test"}, Upstream: &imagemeshv1alpha1.Upstream{Endpoint: reg.URL}},
 	})
-	c = e.condition("second", imagemeshv1alpha1.ConditionReady, controller.ReasonConflict)
+	c := e.condition("second", imagemeshv1alpha1.ConditionReady, controller.ReasonConflict)
 	if !strings.Contains(c.Message, "a.test is configured by ImageSource public") {
 		t.Fatalf("conflict message: %q", c.Message)
 	}
