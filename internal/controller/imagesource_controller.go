@@ -18,7 +18,10 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
@@ -51,6 +54,14 @@ const (
 	ReasonReachable       = "Reachable"
 	ReasonInvalidSelector = "InvalidNodeSelector"
 )
+
+// NewScheme holds the types the controller reads and writes: Kubernetes' own and ImageSource.
+func NewScheme() *runtime.Scheme {
+	s := runtime.NewScheme()
+	utilruntime.Must(clientgoscheme.AddToScheme(s))
+	utilruntime.Must(imagemeshv1alpha1.AddToScheme(s))
+	return s
+}
 
 // ImageSourceReconciler publishes the mirror configuration of all ImageSources and keeps each one's
 // status. Every reconcile computes the whole configuration: which ImageSource owns a registry depends

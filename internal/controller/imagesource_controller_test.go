@@ -17,10 +17,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -43,9 +41,7 @@ type env struct {
 // start runs a real API server with the CRDs and the controller against it.
 func start(t *testing.T) *env {
 	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
-	scheme := runtime.NewScheme()
-	clientgoscheme.AddToScheme(scheme)
-	imagemeshv1alpha1.AddToScheme(scheme)
+	scheme := controller.NewScheme()
 	c, err := client.New(kube.Config, client.Options{Scheme: scheme})
 	if err != nil {
 		t.Fatal(err)

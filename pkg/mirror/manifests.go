@@ -77,7 +77,7 @@ func (m *Mirror) serveManifest(w *responseWriter, r *http.Request, req *request)
 		return
 	}
 	w.source = src
-	mt := detectMediaType(body)
+	mt := source.ManifestMediaType(body)
 	if known.MediaType != "" && mt != known.MediaType && known.MediaType != "application/json" {
 		m.log.Debug("manifest type differs from the registry's Content-Type", "repo", req.repo.Name(), "digest", d, "detected", mt, "registry", known.MediaType)
 	}
@@ -100,7 +100,7 @@ func (m *Mirror) serveManifest(w *responseWriter, r *http.Request, req *request)
 			m.fail(w, err, errcode.ErrorCodeManifestUnknown)
 			return
 		}
-		w.source, d, mt = src, child, detectMediaType(body)
+		w.source, d, mt = src, child, source.ManifestMediaType(body)
 		if mt == mediaTypeDockerManifest && !accept.takes(mt) {
 			m.writeError(w, 0, errcode.ErrorCodeManifestInvalid.WithMessage("Schema 2 manifest not supported by client"))
 			return
@@ -200,25 +200,6 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 	}
 	res := v.(result)
 	return res.body, res.source, nil
-}
-
-// detectMediaType reads a manifest's type from its mediaType field, or, for OCI manifests that leave it
-// out, from its shape.
-func detectMediaType(body []byte) string {
-	var probe struct {
-		MediaType string            `json:"mediaType"`
-		Manifests []json.RawMessage `json:"manifests"`
-	}
-	if err := json.Unmarshal(body, &probe); err != nil {
-		return "application/octet-stream"
-	}
-	switch {
-	case probe.MediaType != "":
-		return probe.MediaType
-	case probe.Manifests != nil:
-		return ocispec.MediaTypeImageIndex
-	}
-	return ocispec.MediaTypeImageManifest
 }
 
 // defaultPlatform picks linux/amd64 from a manifest list, as distribution does for clients that do not

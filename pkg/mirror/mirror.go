@@ -58,7 +58,7 @@ type Mirror struct {
 
 	manifests singleflight.Group
 	resolves  singleflight.Group
-	// registries, when set, replaces opts.Registries (SetRegistries).
+	// registries, when set, are the only registries pulled from: opts.Registries, then SetRegistries.
 	registries atomic.Pointer[[]string]
 }
 
@@ -80,14 +80,18 @@ func New(opts Options) (*Mirror, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Mirror{
+	m := &Mirror{
 		opts:    opts,
 		store:   opts.Store,
 		source:  opts.Source,
 		tags:    tags,
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
-	}, nil
+	}
+	if len(opts.Registries) > 0 {
+		m.SetRegistries(opts.Registries)
+	}
+	return m, nil
 }
 
 // request is one parsed API request.
@@ -192,13 +196,7 @@ func (m *Mirror) SetRegistries(hosts []string) {
 
 // allowed refuses repositories of registries the mirror does not pull from.
 func (m *Mirror) allowed(repo reference.Named) error {
-	if p := m.registries.Load(); p != nil {
-		if !slices.Contains(*p, reference.Domain(repo)) {
-			return errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
-		}
-		return nil
-	}
-	if len(m.opts.Registries) > 0 && !slices.Contains(m.opts.Registries, reference.Domain(repo)) {
+	if p := m.registries.Load(); p != nil && !slices.Contains(*p, reference.Domain(repo)) {
 		return errcode.ErrorCodeDenied.WithMessage(fmt.Sprintf("registry %q is not mirrored here", reference.Domain(repo)))
 	}
 	return nil

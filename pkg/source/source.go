@@ -5,6 +5,7 @@ package source
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -82,3 +83,22 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s %s from %s: %v", e.Op, e.Target, e.Source, e.Err)
 }
 func (e *Error) Unwrap() error { return e.Err }
+
+// ManifestMediaType reads a manifest's type from its mediaType field, or, for OCI manifests that leave
+// it out, from its shape. Sources that keep manifests as plain blobs (a storage layout) answer with it.
+func ManifestMediaType(body []byte) string {
+	var probe struct {
+		MediaType string            `json:"mediaType"`
+		Manifests []json.RawMessage `json:"manifests"`
+	}
+	if err := json.Unmarshal(body, &probe); err != nil {
+		return "application/octet-stream"
+	}
+	switch {
+	case probe.MediaType != "":
+		return probe.MediaType
+	case probe.Manifests != nil:
+		return ocispec.MediaTypeImageIndex
+	}
+	return ocispec.MediaTypeImageManifest
+}

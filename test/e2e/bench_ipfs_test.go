@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"crypto/rand"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -79,8 +78,7 @@ func BenchmarkIPFS(b *testing.B) {
 		return time.Since(start)
 	}
 	cat(io.Discard)
-	config := filepath.Join(b.TempDir(), "agent.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("upstreams:\n  - host: example.test\n    sources:\n      - {type: IPFS, root: %s, endpoint: %s}\n", root, reader.API)), 0o644)
+	config := ipfsAgentConfig(b, "", root, reader.API, "")
 	var cats, catFiles, reads []time.Duration
 	for i := 0; i < rounds; i++ {
 		cats = append(cats, cat(io.Discard))

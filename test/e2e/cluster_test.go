@@ -12,11 +12,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
+	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
 )
 
@@ -27,10 +26,7 @@ import (
 func TestClusterMirrorConfiguration(t *testing.T) {
 	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
 	ctx := context.Background()
-	scheme := runtime.NewScheme()
-	clientgoscheme.AddToScheme(scheme)
-	imagemeshv1alpha1.AddToScheme(scheme)
-	c, err := client.New(kube.Config, client.Options{Scheme: scheme})
+	c, err := client.New(kube.Config, client.Options{Scheme: controller.NewScheme()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,13 +116,20 @@ func TestClusterMirrorConfiguration(t *testing.T) {
 
 func startController(t *testing.T, kubeconfig, ns string) {
 	t.Helper()
-	log := filepath.Join(t.TempDir(), "controller.log")
+	runDaemon(t, "controller", controllerBin, "--kubeconfig", kubeconfig, "--namespace", ns,
+		"--metrics-bind-address", "0", "--health-probe-bind-address", testenv.FreeAddr(t))
+}
+
+// runDaemon starts one of the project's binaries for the test, logging to a file that is shown if the
+// test fails, and interrupts it when the test ends.
+func runDaemon(t testing.TB, name, bin string, args ...string) {
+	t.Helper()
+	log := filepath.Join(t.TempDir(), name+".log")
 	f, err := os.Create(log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(controllerBin, "--kubeconfig", kubeconfig, "--namespace", ns,
-		"--metrics-bind-address", "0", "--health-probe-bind-address", testenv.FreeAddr(t))
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -137,7 +140,7 @@ func startController(t *testing.T, kubeconfig, ns string) {
 		f.Close()
 		if t.Failed() {
 			b, _ := os.ReadFile(log)
-			t.Logf("controller log:\n%s", b)
+			t.Logf("%s log:\n%s", name, b)
 		}
 	})
 }

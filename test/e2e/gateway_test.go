@@ -15,22 +15,7 @@ import (
 func startGateway(t testing.TB, k *testenv.Kubo) string {
 	t.Helper()
 	addr := testenv.FreeAddr(t)
-	log := filepath.Join(t.TempDir(), "gateway.log")
-	f, _ := os.Create(log)
-	cmd := exec.Command(imagemeshBin, "gateway", "--listen", addr, "--ipfs-api", k.API)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
-		f.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(log)
-			t.Logf("gateway log:\n%s", b)
-		}
-	})
+	runDaemon(t, "gateway", imagemeshBin, "gateway", "--listen", addr, "--ipfs-api", k.API)
 	eventually(t, "gateway serving", func() bool {
 		resp, err := http.Get("http://" + addr + "/v2/")
 		if err == nil {
@@ -69,14 +54,7 @@ func TestPushToIPFSAndPull(t *testing.T) {
 	}
 
 	hosts := t.TempDir()
-	config := filepath.Join(t.TempDir(), "agent.yaml")
-	os.WriteFile(config, []byte(`upstreams:
-  - host: example.test
-    sources:
-      - {type: IPFS, root: `+root+`, endpoint: `+b.API+`}
-hostConfig: {dir: `+hosts+`, registries: [example.test]}
-`), 0o644)
-	agent := startAgent(t, "--config", config)
+	agent := startAgent(t, "--config", ipfsAgentConfig(t, "", root, b.API, hosts))
 	ctrd := testenv.StartContainerd(t, testenv.Containerd16, hosts)
 	if out, err := ctrd.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
 		t.Fatalf("pull from IPFS: %v\n%s", err, out)
@@ -115,4 +93,24 @@ hostConfig: {dir: `+hosts+`, registries: [example.test]}
 			}
 		}
 	}
+}
+
+// ipfsAgentConfig writes an agent configuration in which example.test is read from an IPFS root
+// through the kubo at kuboAPI, with endpoint as its registry ("" for none) and, if hosts is set, a
+// hosts.toml for containerd there. It returns the file's path.
+func ipfsAgentConfig(t testing.TB, endpoint, root, kuboAPI, hosts string) string {
+	t.Helper()
+	cfg := "upstreams:\n  - host: example.test\n"
+	if endpoint != "" {
+		cfg += "    endpoint: " + endpoint + "\n"
+	}
+	cfg += "    sources:\n      - {type: IPFS, root: " + root + ", endpoint: " + kuboAPI + "}\n"
+	if hosts != "" {
+		cfg += "hostConfig: {dir: " + hosts + ", registries: [example.test]}\n"
+	}
+	p := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(p, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -21,15 +19,7 @@ func TestPullFromIPFS(t *testing.T) {
 	reg.Stop(t)
 
 	hosts := t.TempDir()
-	config := filepath.Join(t.TempDir(), "agent.yaml")
-	os.WriteFile(config, []byte(`upstreams:
-  - host: example.test
-    endpoint: `+reg.URL+`
-    sources:
-      - {type: IPFS, root: `+root+`, endpoint: `+b.API+`}
-hostConfig: {dir: `+hosts+`, registries: [example.test]}
-`), 0o644)
-	agent := startAgent(t, "--config", config)
+	agent := startAgent(t, "--config", ipfsAgentConfig(t, reg.URL, root, b.API, hosts))
 	ctrd := testenv.StartContainerd(t, testenv.Containerd16, hosts)
 	if out, err := ctrd.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
 		t.Fatalf("pull with the registry gone: %v\n%s", err, out)

@@ -8,7 +8,6 @@ package ipfs
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -140,7 +139,7 @@ func (s *Source) manifestDescriptor(ctx context.Context, d digest.Digest) (ocisp
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	return ocispec.Descriptor{MediaType: mediaType(body), Digest: d, Size: int64(len(body))}, nil
+	return ocispec.Descriptor{MediaType: source.ManifestMediaType(body), Digest: d, Size: int64(len(body))}, nil
 }
 
 func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
@@ -241,23 +240,6 @@ func (s *Source) wrap(op, target string, err error) error {
 		}
 	}
 	return &source.Error{Source: s.Name(), Op: op, Target: target, Err: fmt.Errorf("%w: %w", source.ErrUnavailable, err)}
-}
-
-func mediaType(body []byte) string {
-	var probe struct {
-		MediaType string            `json:"mediaType"`
-		Manifests []json.RawMessage `json:"manifests"`
-	}
-	if err := json.Unmarshal(body, &probe); err != nil {
-		return "application/octet-stream"
-	}
-	switch {
-	case probe.MediaType != "":
-		return probe.MediaType
-	case probe.Manifests != nil:
-		return ocispec.MediaTypeImageIndex
-	}
-	return ocispec.MediaTypeImageManifest
 }
 
 var _ source.Source = (*Source)(nil)
