@@ -110,6 +110,10 @@ type mfsDriver struct {
 	started time.Time
 	// appended are files written past offset 0 in a later session: not in canonical form.
 	appended map[string]bool
+
+	// ns serialises changes to the directory tree (link, move, remove): concurrent ones in kubo's
+	// MFS can lose each other's updates of a shared parent, so a committed file went missing.
+	ns sync.Mutex
 }
 
 func (d *mfsDriver) Name() string { return DriverName }
@@ -175,16 +179,23 @@ func (d *mfsDriver) add(ctx context.Context, p string, body io.Reader) error {
 	if out.Hash == "" {
 		return errors.New("add returned no CID")
 	}
-	if err := d.api.Request("files/rm", d.full(p)).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
-		return err
-	}
-	if err := d.api.Request("files/cp", "/ipfs/"+out.Hash, d.full(p)).Option("parents", true).Exec(ctx, nil); err != nil {
+	if err := d.link(ctx, out.Hash, p); err != nil {
 		return err
 	}
 	d.mu.Lock()
 	delete(d.appended, p)
 	d.mu.Unlock()
 	return nil
+}
+
+// link puts the file with CID c at p, replacing what was there.
+func (d *mfsDriver) link(ctx context.Context, c, p string) error {
+	d.ns.Lock()
+	defer d.ns.Unlock()
+	if err := d.api.Request("files/rm", d.full(p)).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
+		return err
+	}
+	return d.api.Request("files/cp", "/ipfs/"+c, d.full(p)).Option("parents", true).Exec(ctx, nil)
 }
 
 func (d *mfsDriver) GetContent(ctx context.Context, p string) ([]byte, error) {
@@ -301,13 +312,6 @@ func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
 	if _, err := d.stat(ctx, src); err != nil {
 		return err
 	}
-	if err := d.api.Request("files/mkdir", d.full(path.Dir(dst))).Option("parents", true).Exec(ctx, nil); err != nil {
-		return d.fail(dst, err)
-	}
-	// mv does not replace: what is at dst goes first.
-	if err := d.api.Request("files/rm", d.full(dst)).Option("recursive", true).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
-		return d.fail(dst, err)
-	}
 	d.mu.Lock()
 	appended := d.appended[src]
 	d.mu.Unlock()
@@ -317,8 +321,8 @@ func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
 		if err := d.canonicalize(ctx, src, dst); err != nil {
 			return d.fail(src, err)
 		}
-	} else if err := d.api.Request("files/mv", d.full(src), d.full(dst)).Exec(ctx, nil); err != nil {
-		return d.fail(src, err)
+	} else if err := d.move(ctx, src, dst); err != nil {
+		return err
 	}
 	d.mu.Lock()
 	t, ok := d.mtimes[src]
@@ -331,6 +335,22 @@ func (d *mfsDriver) Move(ctx context.Context, src, dst string) error {
 		d.appended[dst] = true
 	}
 	d.mu.Unlock()
+	return nil
+}
+
+// move renames src to dst, replacing what was there (mv alone does not).
+func (d *mfsDriver) move(ctx context.Context, src, dst string) error {
+	d.ns.Lock()
+	defer d.ns.Unlock()
+	if err := d.api.Request("files/mkdir", d.full(path.Dir(dst))).Option("parents", true).Exec(ctx, nil); err != nil {
+		return d.fail(dst, err)
+	}
+	if err := d.api.Request("files/rm", d.full(dst)).Option("recursive", true).Option("force", true).Exec(ctx, nil); err != nil && !isNotFound(err) {
+		return d.fail(dst, err)
+	}
+	if err := d.api.Request("files/mv", d.full(src), d.full(dst)).Exec(ctx, nil); err != nil {
+		return d.fail(src, err)
+	}
 	return nil
 }
 
@@ -347,14 +367,21 @@ func (d *mfsDriver) canonicalize(ctx context.Context, src, dst string) error {
 		return err
 	}
 	d.forget(src)
-	return d.api.Request("files/rm", d.full(src)).Option("force", true).Exec(ctx, nil)
+	return d.remove(ctx, src)
+}
+
+// remove deletes p and everything under it.
+func (d *mfsDriver) remove(ctx context.Context, p string) error {
+	d.ns.Lock()
+	defer d.ns.Unlock()
+	return d.api.Request("files/rm", d.full(p)).Option("recursive", true).Option("force", true).Exec(ctx, nil)
 }
 
 func (d *mfsDriver) Delete(ctx context.Context, p string) error {
 	if _, err := d.stat(ctx, p); err != nil {
 		return err
 	}
-	if err := d.api.Request("files/rm", d.full(p)).Option("recursive", true).Exec(ctx, nil); err != nil {
+	if err := d.remove(ctx, p); err != nil {
 		return d.fail(p, err)
 	}
 	d.forget(p)
