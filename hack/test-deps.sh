@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
-#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl
+#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
-#     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo
+#     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo, and a testplanet
+#     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ command -v runc >/dev/null || missing+=(runc)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
+command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+command -v initdb >/dev/null || [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql)
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -23,9 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo)
+tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo storj-planet)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.
 ln -sfn /usr/bin/etcd "$bin/etcd"
+# testplanet's satellite keeps its database in PostgreSQL: the tests start their own server from
+# Debian's binaries, which are not on PATH.
+pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+ln -sfn "$pgbin/initdb" "$bin/initdb"
+ln -sfn "$pgbin/postgres" "$bin/postgres"
 echo "$bin"

@@ -19,10 +19,17 @@ declare -A pkg=(
   [controller-gen]=sigs.k8s.io/controller-tools/cmd/controller-gen
   [helm]=helm.sh/helm/v3/cmd/helm
   [kubo]=github.com/ipfs/kubo/cmd/ipfs
+  # A test binary, not a command: testplanet runs a satellite and storage nodes only inside a test.
+  [storj-planet]=test:storj-planet
 )
 # Extra go build flags per tool.
 declare -A flags=(
   [containerd2]='-tags=no_btrfs,no_devmapper,no_zfs'
+)
+# Tools that need cgo (testplanet's storage nodes keep their databases in sqlite, mattn/go-sqlite3);
+# the rest build static.
+declare -A cgo=(
+  [storj-planet]=1
 )
 # Linker flags per tool. kube-apiserver built outside its repository reports version v0.0.0 unless
 # told; Helm charts and clients that check the server version need the real one.
@@ -38,21 +45,28 @@ declare -A alias=(
 build() {
   local name=$1 mod="$here/$1"
   [ -n "${pkg[$name]:-}" ] || { echo "build.sh: unknown tool $name" >&2; exit 2; }
-  # The version key is the hash of the scratch module's go.mod and go.sum (and linker flags): a bump
-  # rebuilds, nothing else does.
-  local key; key=$( (cat "$mod/go.mod" "$mod/go.sum"; [ -z "${ldflags[$name]:-}" ] || echo "${ldflags[$name]}") | sha256sum | cut -c1-12)
+  # The version key is the hash of the scratch module's go.mod, go.sum and Go files (and linker
+  # flags): a bump rebuilds, nothing else does.
+  local key; key=$( (cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go 2>/dev/null; [ -z "${ldflags[$name]:-}" ] || echo "${ldflags[$name]}") | sha256sum | cut -c1-12)
   local dir="$cache/$name-$key"
   if [ ! -f "$dir/.complete" ]; then
     echo "build.sh: building $name into $dir" >&2
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-    # shellcheck disable=SC2086
-    (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -ldflags "${ldflags[$name]:-}" -o "$dir.tmp/" ${pkg[$name]})
+    if [[ ${pkg[$name]} == test:* ]]; then
+      # Not -trimpath: testplanet finds its satellite's web and mail templates next to its source, in
+      # the module cache, through the paths compiled in.
+      # shellcheck disable=SC2086
+      (cd "$mod" && CGO_ENABLED=${cgo[$name]:-0} GOFLAGS=-mod=mod go test -c ${flags[$name]:-} -o "$dir.tmp/${pkg[$name]#test:}" .)
+    else
+      # shellcheck disable=SC2086
+      (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -ldflags "${ldflags[$name]:-}" -o "$dir.tmp/" ${pkg[$name]})
+    fi
     touch "$dir.tmp/.complete"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi
   local p b
   for p in ${pkg[$name]}; do
-    b=$(basename "$p")
+    b=$(basename "${p#test:}")
     ln -sfn "$dir/$b" "$bin/${alias[$name/$b]:-$b}"
   done
 }

@@ -112,15 +112,20 @@ func startProcess(logPath, bin string, args ...string) (*process, error) {
 
 // startProcessEnv is startProcess with variables added to the environment.
 func startProcessEnv(logPath string, env []string, bin string, args ...string) (*process, error) {
+	cmd := exec.Command(bin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
+	return startCmd(logPath, cmd)
+}
+
+// startCmd starts cmd in its own process group, its output appended to logPath.
+func startCmd(logPath string, cmd *exec.Cmd) (*process, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close() // the child has its own copy
-	cmd := exec.Command(bin, args...)
-	if env != nil {
-		cmd.Env = append(os.Environ(), env...)
-	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -142,9 +147,12 @@ func (p *process) exited() error {
 }
 
 // stop sends SIGTERM to the process group, and SIGKILL if it has not exited after timeout.
-func (p *process) stop(timeout time.Duration) {
+func (p *process) stop(timeout time.Duration) { p.signal(syscall.SIGTERM, timeout) }
+
+// signal sends sig to the process group, and SIGKILL if it has not exited after timeout.
+func (p *process) signal(sig syscall.Signal, timeout time.Duration) {
 	pid := p.cmd.Process.Pid
-	syscall.Kill(-pid, syscall.SIGTERM)
+	syscall.Kill(-pid, sig)
 	select {
 	case <-p.done:
 	case <-time.After(timeout):
