@@ -3,7 +3,8 @@
 #   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo, and a testplanet
-#     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite)
+#     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite), and the OCI
+#     distribution-spec conformance suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo storj-planet)
+tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo storj-planet oci-conformance)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.

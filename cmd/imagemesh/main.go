@@ -1,5 +1,5 @@
-// Command imagemesh is the user's tool: the push gateway that puts images into IPFS, and the commands
-// that name and publish what it holds.
+// Command imagemesh is the user's tool: the push gateway that puts images into IPFS or a Storj bucket,
+// and the commands that name, publish and export what it holds.
 package main
 
 import (
@@ -21,6 +21,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/imagemesh/imagemesh/pkg/storage/driver/ipfs"
+	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
+	"github.com/imagemesh/imagemesh/pkg/storage/static"
 )
 
 func main() {
@@ -43,67 +45,138 @@ func (f *ipfsFlags) driver() (*ipfs.Driver, error) {
 	return ipfs.New(ipfs.Parameters{API: f.api, Root: f.root})
 }
 
+// storjFlags name a bucket and the access grant to it. The grant comes from a file or $STORJ_ACCESS,
+// never from the command line, where every user of the machine could read it.
+type storjFlags struct{ accessFile, bucket, prefix string }
+
+func (f *storjFlags) bind(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.accessFile, "storj-access-file", "", "file holding a serialized Storj access grant (default: $"+storj.AccessEnv+")")
+	cmd.Flags().StringVar(&f.bucket, "storj-bucket", "", "bucket the registry layout lives in (it must exist)")
+	cmd.Flags().StringVar(&f.prefix, "storj-prefix", "", "where the registry layout starts in the bucket")
+}
+
+func (f *storjFlags) params() configuration.Parameters {
+	return configuration.Parameters{"accessfile": f.accessFile, "bucket": f.bucket, "prefix": f.prefix}
+}
+
+func (f *storjFlags) driver(ctx context.Context) (*storj.Driver, error) {
+	return storj.New(ctx, storj.Parameters{AccessFile: f.accessFile, Bucket: f.bucket, Prefix: f.prefix})
+}
+
 func newCommand() *cobra.Command {
-	root := &cobra.Command{Use: "imagemesh", Short: "Put images into IPFS and name them", SilenceUsage: true}
-	root.AddCommand(gatewayCommand(), ipfsCommand())
+	root := &cobra.Command{Use: "imagemesh", Short: "Put images into IPFS or Storj, and name, publish and export them", SilenceUsage: true, SilenceErrors: true}
+	root.AddCommand(gatewayCommand(), ipfsCommand(), storjCommand())
 	return root
 }
 
+type gatewayOptions struct {
+	listen, storage string
+	ipfs            ipfsFlags
+	storj           storjFlags
+	static          bool
+	staticPrefix    string
+}
+
 func gatewayCommand() *cobra.Command {
-	var f ipfsFlags
-	var listen string
+	var o gatewayOptions
 	cmd := &cobra.Command{
 		Use:   "gateway",
-		Short: "A registry that stores what is pushed to it in IPFS (docker push, crane push)",
+		Short: "A registry that stores what is pushed to it in IPFS or a Storj bucket (docker push, crane push, skopeo copy)",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runGateway(cmd.Context(), listen, f)
+			return runGateway(cmd.Context(), o)
 		},
 	}
-	f.bind(cmd)
-	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:5080", "address of the registry API")
+	o.ipfs.bind(cmd)
+	o.storj.bind(cmd)
+	cmd.Flags().StringVar(&o.listen, "listen", "127.0.0.1:5080", "address of the registry API")
+	cmd.Flags().StringVar(&o.storage, "storage", "ipfs", "where pushed images go: ipfs or storj")
+	cmd.Flags().BoolVar(&o.static, "static-layout", false, "storj: after each manifest push, also write the static /v2/ layout that linksharing serves to docker pull")
+	cmd.Flags().StringVar(&o.staticPrefix, "static-prefix", "", "storj: where the static layout starts in the bucket")
 	return cmd
 }
 
-func runGateway(ctx context.Context, listen string, f ipfsFlags) error {
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	d, err := f.driver()
-	if err != nil {
-		return err
-	}
-	cfg := &configuration.Configuration{Version: "0.1"}
-	cfg.Storage = configuration.Storage{
-		ipfs.DriverName: configuration.Parameters{"api": f.api, "root": f.root},
-		"maintenance":   configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
-	}
-	cfg.Log.Level = "warn"
-	cfg.HTTP.Secret = fmt.Sprintf("%d", time.Now().UnixNano())
-	app := handlers.NewApp(ctx, cfg)
+// pushHook runs after a manifest push that the registry accepted.
+type pushHook func(ctx context.Context, repo, ref string)
 
-	// After every manifest push, the layout's root has a new CID: say it, so that it can be published.
-	var handler http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/imagemesh/v1/root" {
+func runGateway(ctx context.Context, o gatewayOptions) error {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	cfg := &configuration.Configuration{Version: "0.1"}
+	var extra http.HandlerFunc
+	var hook pushHook
+	var where []any
+	switch o.storage {
+	case "ipfs":
+		f := o.ipfs
+		d, err := f.driver()
+		if err != nil {
+			return err
+		}
+		cfg.Storage = configuration.Storage{ipfs.DriverName: configuration.Parameters{"api": f.api, "root": f.root}}
+		extra = func(w http.ResponseWriter, r *http.Request) {
 			c, err := d.RootCID(r.Context())
 			if err != nil {
 				http.Error(w, err.Error(), http.StatusBadGateway)
 				return
 			}
 			fmt.Fprintf(w, "/ipfs/%s\n", c)
+		}
+		// After every manifest push, the layout's root has a new CID: say it, so that it can be published.
+		hook = func(ctx context.Context, repo, ref string) {
+			if c, err := d.RootCID(ctx); err == nil {
+				log.Info("pushed; the layout's root is now", "repository", repo, "reference", ref, "root", "/ipfs/"+c)
+			}
+		}
+		where = []any{"ipfs", f.api, "root", f.root}
+	case "storj":
+		f := o.storj
+		// The gateway's own driver checks the grant and the bucket before the registry starts (the
+		// registry panics on a driver it cannot make), and writes the static layout.
+		d, err := f.driver(ctx)
+		if err != nil {
+			return err
+		}
+		defer d.Close()
+		cfg.Storage = configuration.Storage{storj.DriverName: f.params()}
+		exporter := &static.Exporter{Driver: d, Prefix: o.staticPrefix}
+		hook = func(ctx context.Context, repo, ref string) {
+			if !o.static {
+				log.Info("pushed", "repository", repo, "reference", ref, "bucket", f.bucket)
+				return
+			}
+			if err := exporter.Export(ctx, repo, ref); err != nil {
+				log.Error("pushed, but the static layout was not written", "repository", repo, "reference", ref, "err", err)
+				return
+			}
+			log.Info("pushed and exported to the static layout", "repository", repo, "reference", ref, "bucket", f.bucket)
+		}
+		where = []any{"storj bucket", f.bucket, "prefix", f.prefix}
+	default:
+		return fmt.Errorf("--storage %q: want ipfs or storj", o.storage)
+	}
+	cfg.Storage["maintenance"] = configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}}
+	cfg.Log.Level = "warn"
+	cfg.HTTP.Secret = fmt.Sprintf("%d", time.Now().UnixNano())
+	app := handlers.NewApp(ctx, cfg)
+
+	var handler http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/imagemesh/v1/root" && extra != nil {
+			extra(w, r)
 			return
 		}
 		rec := &statusRecorder{ResponseWriter: w}
 		app.ServeHTTP(rec, r)
-		if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/") && rec.status == http.StatusCreated {
-			if c, err := d.RootCID(r.Context()); err == nil {
-				log.Info("pushed; the layout's root is now", "manifest", r.URL.Path, "root", "/ipfs/"+c)
+		if r.Method == http.MethodPut && rec.status == http.StatusCreated {
+			if repo, ref, ok := manifestPath(r.URL.Path); ok {
+				hook(r.Context(), repo, ref)
 			}
 		}
 	})
-	ln, err := net.Listen("tcp", listen)
+	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		return err
 	}
 	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
-	log.Info("gateway serving", "listen", ln.Addr().String(), "ipfs", f.api, "root", f.root)
+	log.Info("gateway serving", append([]any{"listen", ln.Addr().String()}, where...)...)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -114,6 +187,19 @@ func runGateway(ctx context.Context, listen string, f ipfsFlags) error {
 		return err
 	}
 	return nil
+}
+
+// manifestPath splits /v2/<repo>/manifests/<ref>.
+func manifestPath(p string) (repo, ref string, ok bool) {
+	rest, found := strings.CutPrefix(p, "/v2/")
+	if !found {
+		return "", "", false
+	}
+	i := strings.LastIndex(rest, "/manifests/")
+	if i <= 0 {
+		return "", "", false
+	}
+	return rest[:i], rest[i+len("/manifests/"):], true
 }
 
 type statusRecorder struct {
@@ -181,5 +267,44 @@ func ipfsCommand() *cobra.Command {
 	pf.bind(publish)
 	publish.Flags().StringVar(&key, "key", "self", "kubo key to publish under")
 	cmd.AddCommand(rootCmd, publish)
+	return cmd
+}
+
+func storjCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "storj", Short: "Work with the registry layout the gateway keeps in a Storj bucket"}
+	var f storjFlags
+	var repos []string
+	var prefix string
+	export := &cobra.Command{
+		Use:   "export",
+		Short: "Write the static /v2/ layout of repositories (every tag), for linksharing to serve to docker pull",
+		Example: `  imagemesh storj export --storj-access-file access.txt --storj-bucket images --repository team/app
+  # then: uplink share --url --not-after=none sj://images/v2/  (or a linksharing custom domain)`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(repos) == 0 {
+				return errors.New("name at least one --repository")
+			}
+			d, err := f.driver(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			e := &static.Exporter{Driver: d, Prefix: prefix}
+			for _, repo := range repos {
+				tags, err := e.ExportAll(cmd.Context(), repo)
+				if err != nil {
+					return err
+				}
+				for _, t := range tags {
+					fmt.Fprintf(cmd.OutOrStdout(), "%s:%s\n", repo, t)
+				}
+			}
+			return nil
+		},
+	}
+	f.bind(export)
+	export.Flags().StringArrayVar(&repos, "repository", nil, "repository path to export, e.g. team/app (repeatable)")
+	export.Flags().StringVar(&prefix, "static-prefix", "", "where the static layout starts in the bucket")
+	cmd.AddCommand(export)
 	return cmd
 }

@@ -21,6 +21,8 @@ declare -A pkg=(
   [kubo]=github.com/ipfs/kubo/cmd/ipfs
   # A test binary, not a command: testplanet runs a satellite and storage nodes only inside a test.
   [storj-planet]=test:storj-planet
+  # The OCI distribution-spec conformance suite (a command named conformance).
+  [oci-conformance]=github.com/opencontainers/distribution-spec/conformance
 )
 # Extra go build flags per tool.
 declare -A flags=(

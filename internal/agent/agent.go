@@ -33,6 +33,8 @@ import (
 	"github.com/imagemesh/imagemesh/pkg/peering"
 	"github.com/imagemesh/imagemesh/pkg/source"
 	"github.com/imagemesh/imagemesh/pkg/source/ipfs"
+	storjsource "github.com/imagemesh/imagemesh/pkg/source/storj"
+	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
 )
 
 // Version is set at build time.
@@ -420,7 +422,17 @@ func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
 	out := map[string][]source.Source{}
 	for _, u := range ups {
 		for _, spec := range u.Sources {
-			src, err := newSource(spec)
+			var access string
+			if spec.Type == "Storj" {
+				a, err := storj.ParseAccess(storj.Parameters{AccessFile: spec.AccessFile})
+				if err != nil {
+					return nil, fmt.Errorf("upstream %s: Storj bucket %s: %w", u.Host, spec.Bucket, err)
+				}
+				if access, err = a.Serialize(); err != nil {
+					return nil, fmt.Errorf("upstream %s: Storj bucket %s: %w", u.Host, spec.Bucket, err)
+				}
+			}
+			src, err := newSource(spec, access)
 			if err != nil {
 				return nil, fmt.Errorf("upstream %s: %w", u.Host, err)
 			}
@@ -430,11 +442,13 @@ func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
 	return out, nil
 }
 
-// newSource builds one decentralized source.
-func newSource(spec mirrorconfig.Source) (source.Source, error) {
+// newSource builds one decentralized source; access is a Storj source's serialized grant.
+func newSource(spec mirrorconfig.Source, access string) (source.Source, error) {
 	switch spec.Type {
 	case "IPFS":
 		return ipfs.New(ipfs.Options{API: spec.Endpoint, Root: spec.Root})
+	case "Storj":
+		return storjsource.New(storjsource.Options{Access: access, Bucket: spec.Bucket, Prefix: spec.Prefix})
 	}
 	return nil, fmt.Errorf("%s sources are not supported yet", spec.Type)
 }

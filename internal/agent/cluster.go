@@ -2,10 +2,12 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/url"
 	"slices"
@@ -51,7 +53,7 @@ type clusterSync struct {
 	mirror        func() *mirror.Mirror
 	log           *slog.Logger
 
-	built      map[mirrorconfig.Source]source.Source // sources kept across syncs (connections, IPNS cache)
+	built      map[builtSource]source.Source // sources kept across syncs (connections, IPNS cache)
 	registries prometheus.Gauge
 	syncs      *prometheus.CounterVec
 
@@ -165,7 +167,7 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 	}
 	for _, r := range mine {
 		for _, spec := range r.Sources {
-			src, err := c.source(spec)
+			src, err := c.source(ctx, spec)
 			if err != nil {
 				c.log.Warn("source skipped", "registry", r.Host, "imageSource", r.ImageSource, "type", spec.Type, "err", err)
 				continue
@@ -360,20 +362,55 @@ func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus
 	return g, c
 }
 
-// source returns the source for spec, the same one as long as spec does not change.
-func (c *clusterSync) source(spec mirrorconfig.Source) (source.Source, error) {
+// source returns the source for spec, the same one as long as spec (and, for Storj, the access
+// grant in its Secret) does not change.
+func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (source.Source, error) {
+	var access string
+	if spec.Type == "Storj" {
+		if spec.AccessSecret == "" {
+			return nil, fmt.Errorf("Storj bucket %s: no access Secret", spec.Bucket)
+		}
+		sec, err := c.client.CoreV1().Secrets(c.namespace).Get(ctx, spec.AccessSecret, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("Storj bucket %s: access grant: %w", spec.Bucket, err)
+		}
+		b, ok := sec.Data[storjAccessKey]
+		if !ok {
+			return nil, fmt.Errorf("Storj bucket %s: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, storjAccessKey)
+		}
+		access = string(b)
+	}
+	key := builtSource{spec: spec, access: sha256.Sum256([]byte(access))}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if src, ok := c.built[spec]; ok {
+	if src, ok := c.built[key]; ok {
 		return src, nil
 	}
-	src, err := newSource(spec)
+	src, err := newSource(spec, access)
 	if err != nil {
 		return nil, err
 	}
 	if c.built == nil {
-		c.built = map[mirrorconfig.Source]source.Source{}
+		c.built = map[builtSource]source.Source{}
 	}
-	c.built[spec] = src
+	// A grant that changed replaces the source built with the old one.
+	for k, old := range c.built {
+		if k.spec == spec {
+			if cl, ok := old.(io.Closer); ok {
+				cl.Close()
+			}
+			delete(c.built, k)
+		}
+	}
+	c.built[key] = src
 	return src, nil
+}
+
+// storjAccessKey is the key of a Storj access Secret that holds the serialized grant.
+const storjAccessKey = "access"
+
+// builtSource keys the sources built so far; the grant is kept as a hash, not as the secret itself.
+type builtSource struct {
+	spec   mirrorconfig.Source
+	access [sha256.Size]byte
 }

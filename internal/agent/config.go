@@ -19,6 +19,7 @@ import (
 
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
+	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
 )
 
 // Config is the agent's configuration. The YAML file uses these field names; flags override them.
@@ -70,7 +71,7 @@ type Upstream struct {
 	CAFile             string `json:"caFile,omitempty"`
 	InsecureSkipVerify bool   `json:"insecureSkipVerify,omitempty"`
 	// Sources hold this registry's images besides the registry itself, asked after the peers and
-	// before the registry: IPFS roots (and, later, Storj buckets), in the registry storage layout.
+	// before the registry: Storj buckets and IPFS roots, in the registry storage layout.
 	Sources []mirrorconfig.Source `json:"sources,omitempty"`
 }
 
@@ -379,7 +380,13 @@ func validateSource(s mirrorconfig.Source) error {
 		}
 		return nil
 	case "Storj":
-		return errors.New("Storj sources are not supported yet")
+		if s.Bucket == "" {
+			return errors.New("a Storj source needs bucket")
+		}
+		if s.AccessFile == "" && os.Getenv(storj.AccessEnv) == "" {
+			return fmt.Errorf("a Storj source needs accessFile (a file holding an access grant), or $%s", storj.AccessEnv)
+		}
+		return nil
 	}
-	return fmt.Errorf("type %q: want IPFS", s.Type)
+	return fmt.Errorf("type %q: want IPFS or Storj", s.Type)
 }

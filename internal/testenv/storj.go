@@ -3,13 +3,17 @@ package testenv
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -183,3 +187,49 @@ func (s *Storj) Grant(t testing.TB, passphrase string) string {
 
 // Stop shuts the network down now (a network that is down); Cleanup is then a no-op.
 func (s *Storj) Stop() { s.proc.stop(30 * time.Second) }
+
+// StartLinkshare serves the objects of a bucket over plain HTTP as Storj linksharing does in its raw
+// mode: GET and HEAD of /<key>, with the object's "content-type" metadata as Content-Type, and nothing
+// else (no registry logic). It stands in for linksharing, which is a service of its own.
+func (s *Storj) StartLinkshare(t testing.TB, bucket string) string {
+	t.Helper()
+	project := s.Project(t)
+	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			http.Error(w, "read only", http.StatusMethodNotAllowed)
+			return
+		}
+		key := strings.TrimPrefix(r.URL.Path, "/")
+		obj, err := project.StatObject(r.Context(), bucket, key)
+		if errors.Is(err, uplink.ErrObjectNotFound) {
+			http.NotFound(w, r)
+			return
+		} else if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		if ct := obj.Custom["content-type"]; ct != "" {
+			w.Header().Set("Content-Type", ct)
+		} else {
+			w.Header().Set("Content-Type", "application/octet-stream")
+		}
+		w.Header().Set("Content-Length", strconv.FormatInt(obj.System.ContentLength, 10))
+		if r.Method == http.MethodHead {
+			return
+		}
+		dl, err := project.DownloadObject(r.Context(), bucket, key, nil)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer dl.Close()
+		io.Copy(w, dl)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}

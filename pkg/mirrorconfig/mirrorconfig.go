@@ -43,9 +43,13 @@ type Registry struct {
 type Source struct {
 	Type string `json:"type"`
 	// Storj
-	Bucket       string `json:"bucket,omitempty"`
-	Prefix       string `json:"prefix,omitempty"`
+	Bucket string `json:"bucket,omitempty"`
+	Prefix string `json:"prefix,omitempty"`
+	// AccessSecret names a Secret in the controller's namespace whose key "access" holds the grant.
 	AccessSecret string `json:"accessSecret,omitempty"`
+	// AccessFile is a file on the node holding the grant: for an agent configured by file, without
+	// a cluster.
+	AccessFile string `json:"accessFile,omitempty"`
 	// IPFS
 	Root     string `json:"root,omitempty"`
 	Endpoint string `json:"endpoint,omitempty"`

@@ -20,6 +20,7 @@ import (
 	"storj.io/common/testcontext"
 	"storj.io/storj/private/testplanet"
 	"storj.io/storj/satellite"
+	"storj.io/storj/satellite/satellitedb"
 	"storj.io/storj/storagenode"
 )
 
@@ -46,6 +47,10 @@ func TestServe(t *testing.T) {
 	config := testplanet.Config{
 		SatelliteCount: 1, StorageNodeCount: nodes, UplinkCount: 1, NonParallel: true,
 		Reconfigure: testplanet.Reconfigure{
+			SatelliteDBOptions: func(log *zap.Logger, index int, options *satellitedb.Options) {
+				// A revoked grant is refused within a second, not after testplanet's minute of cache.
+				options.RevocationLRUOptions.Expiration = time.Second
+			},
 			Satellite: func(log *zap.Logger, index int, config *satellite.Config) {
 				// Erasure coding as a small real network would have it: any 2 of 4 pieces rebuild a
 				// segment, an upload succeeds with 3.

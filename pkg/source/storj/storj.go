@@ -3,8 +3,11 @@
 // over Storj's native protocol (storj.io/uplink): the node decrypts and decodes the erasure-coded
 // pieces itself, straight from the storage nodes.
 //
-// The bucket is trusted as the ImageSource names it, so tags resolve here; the bytes are checked
-// against their digests by the content store before anything is kept, as for every source.
+// The bucket is trusted as the ImageSource names it, so tags resolve here. Its bytes are not: a
+// bucket can hold a corrupt object (a broken publisher, a wrong upload), so they come marked
+// untrusted, the content store gives clients none of them before the whole blob has verified, and a
+// blob that fails is not asked of this bucket again for a while: the agent falls through to its next
+// source.
 package storj
 
 import (
@@ -13,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/distribution/reference"
@@ -34,6 +38,8 @@ type Options struct {
 	// Timeout bounds each metadata request (a tag's link, a manifest, an object's size): a satellite
 	// that does not answer fails the request after it. Default 30s.
 	Timeout time.Duration
+	// RejectFor is how long a blob that failed verification is not read from the bucket. Default 10m.
+	RejectFor time.Duration
 }
 
 // Source reads one bucket's layout.
@@ -41,6 +47,10 @@ type Source struct {
 	opts    Options
 	project *uplink.Project
 	prefix  string
+
+	mu       sync.Mutex
+	rejected map[digest.Digest]time.Time // blobs that failed verification, until when
+	bucketOK time.Time                   // when the bucket was last seen to exist
 }
 
 // New parses the access grant and opens the project. It does not contact the network: a satellite
@@ -51,6 +61,9 @@ func New(opts Options) (*Source, error) {
 	}
 	if opts.Timeout == 0 {
 		opts.Timeout = 30 * time.Second
+	}
+	if opts.RejectFor == 0 {
+		opts.RejectFor = 10 * time.Minute
 	}
 	access, err := uplink.ParseAccess(strings.TrimSpace(opts.Access))
 	if err != nil {
@@ -64,7 +77,7 @@ func New(opts Options) (*Source, error) {
 	if prefix != "" {
 		prefix += "/"
 	}
-	return &Source{opts: opts, project: project, prefix: prefix}, nil
+	return &Source{opts: opts, project: project, prefix: prefix, rejected: map[digest.Digest]time.Time{}}, nil
 }
 
 // Close closes the project's connections.
@@ -116,6 +129,10 @@ func (s *Source) Open(ctx context.Context, obj source.Object, offset int64) (*so
 	if err := obj.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("storj: %w", err)
 	}
+	if s.isRejected(obj.Digest) {
+		return nil, &source.Error{Source: s.Name(), Op: "read", Target: obj.String(),
+			Err: fmt.Errorf("bucket %q: its copy failed verification recently: %w", s.opts.Bucket, source.ErrNotFound)}
+	}
 	desc, err := s.Stat(ctx, obj)
 	if err != nil {
 		return nil, err
@@ -133,7 +150,29 @@ func (s *Source) Open(ctx context.Context, obj source.Object, offset int64) (*so
 		dl.Close()
 		rc = io.NopCloser(strings.NewReader(""))
 	}
-	return &source.Content{ReadCloser: &readErrors{rc: rc, s: s, target: obj.String()}, Descriptor: desc, Source: s.Name()}, nil
+	return &source.Content{
+		ReadCloser: &readErrors{rc: rc, s: s, target: obj.String()}, Descriptor: desc, Source: s.Name(),
+		Untrusted: true, Reject: func(error) { s.reject(obj.Digest) },
+	}, nil
+}
+
+func (s *Source) reject(d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for k, until := range s.rejected {
+		if now.After(until) {
+			delete(s.rejected, k)
+		}
+	}
+	s.rejected[d] = now.Add(s.opts.RejectFor)
+}
+
+func (s *Source) isRejected(d digest.Digest) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	until, ok := s.rejected[d]
+	return ok && time.Now().Before(until)
 }
 
 // readSmall reads a whole small object of the layout.
@@ -161,7 +200,15 @@ func (s *Source) wrap(op, target string, err error) error {
 	var why error
 	switch {
 	case errors.Is(err, uplink.ErrObjectNotFound):
+		// The satellite says "object not found" in a bucket that does not exist, too: that is a
+		// configuration error to name, not a miss.
+		if berr := s.checkBucket(); berr != nil {
+			err = berr
+			break
+		}
 		return &source.Error{Source: s.Name(), Op: op, Target: target, Err: source.ErrNotFound}
+	}
+	switch {
 	case errors.Is(err, uplink.ErrBucketNotFound):
 		why = fmt.Errorf("bucket %q does not exist", s.opts.Bucket)
 	case errors.Is(err, uplink.ErrPermissionDenied):
@@ -172,6 +219,25 @@ func (s *Source) wrap(op, target string, err error) error {
 		why = fmt.Errorf("bucket %q", s.opts.Bucket)
 	}
 	return &source.Error{Source: s.Name(), Op: op, Target: target, Err: fmt.Errorf("%w: %w: %w", source.ErrUnavailable, why, err)}
+}
+
+// checkBucket returns the error of looking up the bucket, at most once a minute while it exists.
+func (s *Source) checkBucket() error {
+	s.mu.Lock()
+	fresh := time.Since(s.bucketOK) < time.Minute
+	s.mu.Unlock()
+	if fresh {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.Timeout)
+	defer cancel()
+	if _, err := s.project.StatBucket(ctx, s.opts.Bucket); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.bucketOK = time.Now()
+	s.mu.Unlock()
+	return nil
 }
 
 // readErrors names the source in errors that break a stream off.

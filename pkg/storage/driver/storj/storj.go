@@ -81,7 +81,7 @@ func ParseAccess(p Parameters) (*uplink.Access, error) {
 	}
 	serialized = strings.TrimSpace(serialized)
 	if serialized == "" {
-		return nil, fmt.Errorf("storj: no access grant: give access, accessfile or $%s", AccessEnv)
+		return nil, fmt.Errorf("storj: no access grant: give one in a file (accessfile, --storj-access-file) or in $%s", AccessEnv)
 	}
 	access, err := uplink.ParseAccess(serialized)
 	if err != nil {
