@@ -96,6 +96,7 @@ func Run(ctx context.Context, opts Options) error {
 		ConfigMapName: opts.ConfigMapName,
 		Recorder:      mgr.GetEventRecorderFor("imagemesh-controller"),
 		Probe:         controller.HTTPProbe(&http.Client{Timeout: 5 * time.Second}),
+		StorjProbe:    controller.UplinkProbe,
 	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err

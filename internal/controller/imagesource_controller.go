@@ -30,6 +30,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"storj.io/uplink"
 
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
@@ -53,6 +54,7 @@ const (
 	ReasonUnreachable     = "Unreachable"
 	ReasonReachable       = "Reachable"
 	ReasonInvalidSelector = "InvalidNodeSelector"
+	ReasonInvalidAccess   = "InvalidAccessGrant"
 )
 
 // NewScheme holds the types the controller reads and writes: Kubernetes' own and ImageSource.
@@ -75,6 +77,9 @@ type ImageSourceReconciler struct {
 	Recorder      record.EventRecorder
 	// Probe checks that an endpoint of a kind (ProbeRegistry, ProbeIPFS) answers; nil checks nothing.
 	Probe func(ctx context.Context, kind, endpoint string) error
+	// StorjProbe checks that a Storj bucket exists and the access grant may read it; nil checks
+	// nothing beyond the grant's format.
+	StorjProbe func(ctx context.Context, access *uplink.Access, bucket string) error
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 }
@@ -300,12 +305,45 @@ func (r *ImageSourceReconciler) checkSources(ctx context.Context, is *imagemeshv
 		cond.Message = "Secret not found: " + strings.Join(missing, ", ")
 		return cond
 	}
+	// Storj access grants: the format here, the bucket and the grant's rights by StorjProbe. Messages
+	// name the Secret, never its content.
+	var storjErrs []error
+	reason := ReasonUnreachable
+	for _, s := range is.Spec.Sources {
+		if s.Storj == nil {
+			continue
+		}
+		ref := fmt.Sprintf("%s/%s", r.Namespace, s.Storj.AccessSecretRef.Name)
+		var sec corev1.Secret
+		if err := r.Get(ctx, types.NamespacedName{Namespace: r.Namespace, Name: s.Storj.AccessSecretRef.Name}, &sec); err != nil {
+			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: %w", ref, err))
+			continue
+		}
+		access, err := uplink.ParseAccess(strings.TrimSpace(string(sec.Data["access"])))
+		if err != nil {
+			reason = ReasonInvalidAccess
+			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: key \"access\" does not hold a Storj access grant: %w", ref, err))
+			continue
+		}
+		if r.StorjProbe != nil {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			if err := r.StorjProbe(pctx, access, s.Storj.Bucket); err != nil {
+				storjErrs = append(storjErrs, fmt.Errorf("Storj bucket %s (grant in Secret %s): %w", s.Storj.Bucket, ref, err))
+			}
+			cancel()
+		}
+	}
+	if len(storjErrs) > 0 {
+		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, reason, errors.Join(storjErrs...).Error()
+		return cond
+	}
 	if r.Probe != nil {
 		type target struct{ kind, endpoint string }
 		var targets []target
 		if u := is.Spec.Upstream; u != nil {
 			targets = append(targets, target{ProbeRegistry, u.Endpoint})
-		} else {
+		} else if len(is.Spec.Sources) == 0 {
+			// Without an upstream, registries that exist only in Storj or IPFS are not probed.
 			for _, h := range is.Spec.Registries {
 				targets = append(targets, target{ProbeRegistry, "https://" + h})
 			}
@@ -377,9 +415,28 @@ const (
 	ProbeIPFS     = "ipfs"
 )
 
+// UplinkProbe checks a Storj bucket with storj.io/uplink: the satellite answers, the bucket exists, and
+// the grant may look at it.
+func UplinkProbe(ctx context.Context, access *uplink.Access, bucket string) error {
+	project, err := (uplink.Config{UserAgent: "imagemesh-controller"}).OpenProject(ctx, access)
+	if err != nil {
+		return fmt.Errorf("open project on %s: %w", access.SatelliteAddress(), err)
+	}
+	defer project.Close()
+	_, err = project.StatBucket(ctx, bucket)
+	switch {
+	case errors.Is(err, uplink.ErrBucketNotFound):
+		return errors.New("the bucket does not exist")
+	case errors.Is(err, uplink.ErrPermissionDenied):
+		return errors.New("the access grant was refused (revoked, expired, or not for this bucket)")
+	case err != nil:
+		return fmt.Errorf("satellite %s: %w", access.SatelliteAddress(), err)
+	}
+	return nil
+}
+
 // HTTPProbe checks endpoints over HTTP: a registry's /v2/ answers 200 or 401; a kubo RPC API answers
-// POST /api/v0/version with 200. A failed connection or any other answer is unreachable. (Storj
-// buckets are checked by the agents, which hold the access grants.)
+// POST /api/v0/version with 200. A failed connection or any other answer is unreachable.
 func HTTPProbe(c *http.Client) func(ctx context.Context, kind, endpoint string) error {
 	return func(ctx context.Context, kind, endpoint string) error {
 		method, url, ok := http.MethodGet, strings.TrimSuffix(endpoint, "/")+"/v2/", []int{http.StatusOK, http.StatusUnauthorized}

@@ -10,7 +10,13 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
+	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
@@ -195,4 +201,105 @@ func TestStorjCorruptAndDown(t *testing.T) {
 	if got := agent2.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`); got < 5<<20 {
 		t.Fatalf("%v bytes from the registry with Storj down", got)
 	}
+}
+
+// TestClusterStorjSource: an ImageSource names a Storj bucket and a Secret with the access grant. The
+// controller checks the grant (a garbage one is reported, never quoted) and the bucket; the agent in
+// cluster mode reads the grant from the Secret and prefetches the image from Storj alone, and
+// containerd pulls it from the agent's cache.
+func TestClusterStorjSource(t *testing.T) {
+	testenv.RequireRoot(t)
+	network, access := storjBucket(t)
+	gw := startStorjGateway(t, access)
+	testenv.PushImage(t, gw+"/team/app:v1", testenv.Layer{Size: 3 << 20})
+
+	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
+	c, err := client.New(kube.Config, client.Options{Scheme: controller.NewScheme()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bg := context.Background()
+	const ns = "imagemesh-system"
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "storj-access", Namespace: ns}, StringData: map[string]string{"access": "garbage-SECRET"}}
+	for _, obj := range []client.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}},
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}},
+		secret,
+	} {
+		if err := c.Create(bg, obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	startController(t, kube.Kubeconfig, ns)
+	hosts := t.TempDir()
+	a := startAgent(t, "--cluster-config", ns+"/imagemesh-mirrors", "--node-name", "node-a", "--kubeconfig", kube.Kubeconfig, "--hosts-dir", hosts)
+
+	const image = "example.test/team/app:v1"
+	is := &imagemeshv1alpha1.ImageSource{
+		ObjectMeta: metav1.ObjectMeta{Name: "from-storj"},
+		Spec: imagemeshv1alpha1.ImageSourceSpec{
+			Registries: []string{"example.test"},
+			Sources: []imagemeshv1alpha1.Source{{Type: imagemeshv1alpha1.SourceStorj, Storj: &imagemeshv1alpha1.StorjSource{
+				Bucket: "images", Prefix: "registry", AccessSecretRef: corev1.LocalObjectReference{Name: "storj-access"},
+			}}},
+			Prefetch: []string{image},
+		},
+	}
+	if err := c.Create(bg, is); err != nil {
+		t.Fatal(err)
+	}
+	sourcesCondition := func() *metav1.Condition {
+		var got imagemeshv1alpha1.ImageSource
+		if err := c.Get(bg, client.ObjectKeyFromObject(is), &got); err != nil {
+			return nil
+		}
+		return meta.FindStatusCondition(got.Status.Conditions, imagemeshv1alpha1.ConditionSourcesReachable)
+	}
+	eventually(t, "a garbage grant reported", func() bool {
+		cond := sourcesCondition()
+		return cond != nil && cond.Reason == controller.ReasonInvalidAccess
+	})
+	if cond := sourcesCondition(); strings.Contains(cond.Message, "SECRET") || !strings.Contains(cond.Message, ns+"/storj-access") {
+		t.Fatalf("condition message quotes the grant or does not name the Secret: %q", cond.Message)
+	}
+
+	secret.StringData = map[string]string{"access": network.Access}
+	if err := c.Update(bg, secret); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "image prefetched from Storj", func() bool {
+		return a.Metric("imagemesh_content_fetched_bytes_total", `source="storj"`) >= 3<<20
+	})
+	eventually(t, "bucket and grant reachable", func() bool {
+		cond := sourcesCondition()
+		return cond != nil && cond.Status == metav1.ConditionTrue
+	})
+	t.Logf("SourcesReachable: %+v", sourcesCondition())
+	ctrd := testenv.StartContainerd(t, testenv.Containerd16, hosts)
+	if out, err := ctrd.CtrPull(bg, image); err != nil {
+		t.Fatalf("pull: %v\n%s", err, out)
+	}
+	if got := a.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`); got != 0 {
+		t.Fatalf("%v bytes from an upstream that does not exist", got)
+	}
+	if strings.Contains(a.Logs(), network.Access) {
+		t.Fatal("the agent logged the access grant")
+	}
+
+	// The bucket goes away: the controller says so at its next check (forced here by a change of
+	// the Secret, which every check follows; otherwise every 5 minutes).
+	if _, err := network.Project(t).DeleteBucketWithObjects(bg, "images"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Get(bg, client.ObjectKeyFromObject(secret), secret); err != nil {
+		t.Fatal(err)
+	}
+	secret.Labels = map[string]string{"touched": "yes"}
+	if err := c.Update(bg, secret); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "missing bucket reported", func() bool {
+		cond := sourcesCondition()
+		return cond != nil && cond.Status == metav1.ConditionFalse && strings.Contains(cond.Message, "bucket does not exist")
+	})
 }
