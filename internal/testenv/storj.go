@@ -46,7 +46,8 @@ func StartPostgres(t testing.TB) string {
 			*b = p
 		}
 	}
-	var runAs []string
+	// PostgreSQL refuses to run as root: as root, run it as the postgres user.
+	var cred *syscall.Credential
 	var owner *user.User
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("postgres")
@@ -54,7 +55,9 @@ func StartPostgres(t testing.TB) string {
 			missing(t, "PostgreSQL must run as a user other than root, and there is no postgres user (apt-get install postgresql makes one): %v", err)
 			return ""
 		}
-		owner, runAs = u, []string{"runuser", "-u", "postgres", "--"}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		owner, cred = u, &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 	}
 	dir := shortTempDir(t, "pg")
 	t.Cleanup(func() { os.RemoveAll(dir) })
@@ -65,17 +68,17 @@ func StartPostgres(t testing.TB) string {
 		}
 	}
 	if owner != nil {
-		uid, _ := strconv.Atoi(owner.Uid)
-		gid, _ := strconv.Atoi(owner.Gid)
 		for _, d := range []string{dir, data, sock} {
-			if err := os.Chown(d, uid, gid); err != nil {
+			if err := os.Chown(d, int(cred.Uid), int(cred.Gid)); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
 	run := func(bin string, args ...string) *exec.Cmd {
-		full := append(append(append([]string{}, runAs...), bin), args...)
-		return exec.Command(full[0], full[1:]...)
+		cmd := exec.Command(bin, args...)
+		// If the test process dies, so does the server: a killed test leaves no database running.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Pdeathsig: syscall.SIGQUIT}
+		return cmd
 	}
 	if out, err := run(initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8").CombinedOutput(); err != nil {
 		t.Fatalf("initdb: %v\n%s", err, out)

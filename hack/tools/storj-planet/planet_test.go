@@ -46,6 +46,8 @@ func TestServe(t *testing.T) {
 	}
 	config := testplanet.Config{
 		SatelliteCount: 1, StorageNodeCount: nodes, UplinkCount: 1, NonParallel: true,
+		// The network lives as long as the test that started it; testplanet's own limit is 3 minutes.
+		Timeout: 24 * time.Hour,
 		Reconfigure: testplanet.Reconfigure{
 			SatelliteDBOptions: func(log *zap.Logger, index int, options *satellitedb.Options) {
 				// A revoked grant is refused within a second, not after testplanet's minute of cache.
