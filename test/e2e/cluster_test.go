@@ -122,7 +122,7 @@ func startController(t *testing.T, kubeconfig, ns string) {
 
 // runDaemon starts one of the project's binaries for the test, logging to a file that is shown if the
 // test fails, and interrupts it when the test ends.
-func runDaemon(t testing.TB, name, bin string, args ...string) {
+func runDaemon(t testing.TB, name, bin string, args ...string) *os.Process {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), name+".log")
 	f, err := os.Create(log)
@@ -143,6 +143,7 @@ func runDaemon(t testing.TB, name, bin string, args ...string) {
 			t.Logf("%s log:\n%s", name, b)
 		}
 	})
+	return cmd.Process
 }
 
 func eventually(t testing.TB, what string, cond func() bool) {

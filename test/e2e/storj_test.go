@@ -37,13 +37,18 @@ func storjBucket(t testing.TB) (*testenv.Storj, string) {
 }
 
 // startStorjGateway runs `imagemesh gateway --storage storj` into the bucket, writing the static
-// layout too, and returns its host:port.
+// layout too if asked, and returns its host:port.
 func startStorjGateway(t testing.TB, accessFile string, extra ...string) string {
+	addr, _ := startStorjGatewayProcess(t, accessFile, extra...)
+	return addr
+}
+
+func startStorjGatewayProcess(t testing.TB, accessFile string, extra ...string) (string, *os.Process) {
 	t.Helper()
 	addr := testenv.FreeAddr(t)
 	args := append([]string{"gateway", "--listen", addr, "--storage", "storj", "--storj-access-file", accessFile,
 		"--storj-bucket", "images", "--storj-prefix", "registry"}, extra...)
-	runDaemon(t, "gateway", imagemeshBin, args...)
+	p := runDaemon(t, "gateway", imagemeshBin, args...)
 	eventually(t, "gateway serving", func() bool {
 		resp, err := http.Get("http://" + addr + "/v2/")
 		if err == nil {
@@ -51,7 +56,7 @@ func startStorjGateway(t testing.TB, accessFile string, extra ...string) string 
 		}
 		return err == nil && resp.StatusCode == http.StatusOK
 	})
-	return addr
+	return addr, p
 }
 
 // storjAgentConfig writes an agent configuration in which example.test is read from the bucket, with

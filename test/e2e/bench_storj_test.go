@@ -1,0 +1,128 @@
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// BenchmarkStorj measures, side by side on one testplanet network: a 256 MiB layer pushed through the
+// gateway (POST, one streamed PATCH, PUT) against a plain uplink upload of the same number of bytes
+// from a file; and a cold agent reading a layer from Storj (verified, written to its store, streamed
+// to the client) against a plain uplink download of it, to /dev/null and to a file. It also reports
+// the gateway's peak RSS, to show that a layer streams through and is not held in memory.
+func BenchmarkStorj(b *testing.B) {
+	const rounds = 3
+	network, access := storjBucket(b)
+	gw, gwProc := startStorjGatewayProcess(b, access)
+	project := network.Project(b)
+	ctx := context.Background()
+	newLayer := func() (string, digest.Digest) {
+		file := filepath.Join(b.TempDir(), "layer")
+		f, _ := os.Create(file)
+		io.CopyN(f, rand.Reader, benchLayer)
+		f.Close()
+		return file, digestFile(b, file)
+	}
+	upload := func(file, key string) {
+		f, err := os.Open(file)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		up, err := project.UploadObject(ctx, "images", key, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.Copy(up, f); err != nil {
+			b.Fatal(err)
+		}
+		if err := up.Commit(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	download := func(key string, out io.Writer) {
+		dl, err := project.DownloadObject(ctx, "images", key, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer dl.Close()
+		if n, err := io.Copy(out, dl); err != nil || n != benchLayer {
+			b.Fatalf("download %s: %d bytes, %v", key, n, err)
+		}
+	}
+
+	// Each round pushes new bytes through the gateway and uploads other new bytes with uplink,
+	// alternately; the medians are reported.
+	var pushes, uploads []time.Duration
+	var d digest.Digest
+	for i := 0; i < rounds; i++ {
+		file, fd := newLayer()
+		d = fd
+		dropCaches(b)
+		start := time.Now()
+		pushBlob(b, gw, "bench/big", file, fd)
+		pushes = append(pushes, time.Since(start))
+
+		file, _ = newLayer()
+		dropCaches(b)
+		start = time.Now()
+		upload(file, "plain/layer")
+		uploads = append(uploads, time.Since(start))
+	}
+	push, up := median(pushes), median(uploads)
+	mib := float64(benchLayer) / (1 << 20)
+	b.ReportMetric(mib/push.Seconds(), "gateway-push-MiB/s")
+	b.ReportMetric(mib/up.Seconds(), "uplink-upload-MiB/s")
+	b.ReportMetric(up.Seconds()/push.Seconds(), "push/upload")
+	b.ReportMetric(float64(peakRSS(b, gwProc.Pid))/(1<<20), "gateway-peak-RSS-MiB")
+
+	// Reads: the last pushed layer, by a fresh agent each round, against uplink downloads of the
+	// plain object.
+	config := filepath.Join(b.TempDir(), "agent.yaml")
+	os.WriteFile(config, []byte("upstreams:\n  - host: example.test\n    sources:\n      - {type: Storj, bucket: images, prefix: registry, accessFile: "+access+"}\n"), 0o644)
+	var reads, downloads, downloadFiles []time.Duration
+	for i := 0; i < rounds; i++ {
+		dropCaches(b)
+		start := time.Now()
+		download("plain/layer", io.Discard)
+		downloads = append(downloads, time.Since(start))
+
+		out, _ := os.Create(filepath.Join(b.TempDir(), "download"))
+		dropCaches(b)
+		start = time.Now()
+		download("plain/layer", out)
+		out.Close()
+		downloadFiles = append(downloadFiles, time.Since(start))
+		os.Remove(out.Name())
+
+		agent := startAgent(b, "--config", config)
+		dropCaches(b)
+		start = time.Now()
+		resp, err := http.Get(agent.URL + "/v2/bench/big/blobs/" + d.String() + "?ns=example.test")
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		reads = append(reads, time.Since(start))
+		if err != nil || n != benchLayer {
+			b.Fatalf("agent read %d bytes: %v", n, err)
+		}
+		agent.Stop()
+		os.RemoveAll(agent.DataDir)
+	}
+	read, dl, dlFile := median(reads), median(downloads), median(downloadFiles)
+	b.ReportMetric(mib/read.Seconds(), "agent-read-MiB/s")
+	b.ReportMetric(mib/dl.Seconds(), "uplink-download-MiB/s")
+	b.ReportMetric(dl.Seconds()/read.Seconds(), "read/download")
+	b.ReportMetric(mib/dlFile.Seconds(), "uplink-download-file-MiB/s")
+	b.ReportMetric(dlFile.Seconds()/read.Seconds(), "read/download-file")
+}
