@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -153,7 +154,13 @@ func runGateway(ctx context.Context, o gatewayOptions) error {
 	default:
 		return fmt.Errorf("--storage %q: want ipfs or storj", o.storage)
 	}
-	cfg.Storage["maintenance"] = configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}}
+	// Uploads a client abandoned: on Storj they are pending multipart uploads, invisible but stored;
+	// distribution's purger deletes them after a week (the driver aborts them). MFS has no such cost.
+	purge := map[any]any{"enabled": false}
+	if o.storage == "storj" {
+		purge = map[any]any{"enabled": true, "age": "168h", "interval": "24h", "dryrun": false}
+	}
+	cfg.Storage["maintenance"] = configuration.Parameters{"uploadpurging": purge}
 	cfg.Log.Level = "warn"
 	cfg.HTTP.Secret = fmt.Sprintf("%d", time.Now().UnixNano())
 	app := handlers.NewApp(ctx, cfg)
@@ -163,13 +170,23 @@ func runGateway(ctx context.Context, o gatewayOptions) error {
 			extra(w, r)
 			return
 		}
-		rec := &statusRecorder{ResponseWriter: w}
-		app.ServeHTTP(rec, r)
-		if r.Method == http.MethodPut && rec.status == http.StatusCreated {
-			if repo, ref, ok := manifestPath(r.URL.Path); ok {
-				hook(r.Context(), repo, ref)
-			}
+		repo, ref, isManifest := manifestPath(r.URL.Path)
+		if r.Method != http.MethodPut || !isManifest {
+			app.ServeHTTP(w, r)
+			return
 		}
+		// A manifest push is answered only after the hook ran: a client that pushed an image finds
+		// it exported (and the root logged) when its push returns.
+		rec := &heldResponse{header: http.Header{}, code: http.StatusOK}
+		app.ServeHTTP(rec, r)
+		if rec.code == http.StatusCreated {
+			hook(r.Context(), repo, ref)
+		}
+		for k, v := range rec.header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.code)
+		w.Write(rec.body.Bytes())
 	})
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
@@ -202,21 +219,16 @@ func manifestPath(p string) (repo, ref string, ok bool) {
 	return rest[:i], rest[i+len("/manifests/"):], true
 }
 
-type statusRecorder struct {
-	http.ResponseWriter
-	status int
+// heldResponse holds a (small) response until the gateway has done what follows a push.
+type heldResponse struct {
+	header http.Header
+	code   int
+	body   bytes.Buffer
 }
 
-func (r *statusRecorder) WriteHeader(code int) {
-	r.status = code
-	r.ResponseWriter.WriteHeader(code)
-}
-
-func (r *statusRecorder) Flush() {
-	if f, ok := r.ResponseWriter.(http.Flusher); ok {
-		f.Flush()
-	}
-}
+func (h *heldResponse) Header() http.Header         { return h.header }
+func (h *heldResponse) WriteHeader(code int)        { h.code = code }
+func (h *heldResponse) Write(b []byte) (int, error) { return h.body.Write(b) }
 
 func ipfsCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "ipfs", Short: "Name and publish the layout the gateway keeps in IPFS"}
