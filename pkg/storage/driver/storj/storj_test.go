@@ -19,7 +19,7 @@ import (
 )
 
 // distribution's own storage driver suite, against a real Storj network (testplanet).
-func TestDriverSuite(t *testing.T) {
+func TestStorjDriverSuite(t *testing.T) {
 	network := testenv.StartStorj(t)
 	bucket := network.Bucket(t, "suite")
 	n := 0
