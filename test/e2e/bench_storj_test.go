@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"testing"
@@ -115,21 +114,7 @@ func BenchmarkStorj(b *testing.B) {
 		downloadFiles = append(downloadFiles, time.Since(start))
 		os.Remove(out.Name())
 
-		agent := startAgent(b, "--config", config)
-		dropCaches(b)
-		start = time.Now()
-		resp, err := http.Get(agent.URL + "/v2/bench/big/blobs/" + d.String() + "?ns=example.test")
-		if err != nil {
-			b.Fatal(err)
-		}
-		n, err := io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		reads = append(reads, time.Since(start))
-		if err != nil || n != benchLayer {
-			b.Fatalf("agent read %d bytes: %v", n, err)
-		}
-		agent.Stop()
-		os.RemoveAll(agent.DataDir)
+		reads = append(reads, coldAgentRead(b, config, d))
 	}
 	read, dl, dlFile := median(reads), median(downloads), median(downloadFiles)
 	b.ReportMetric(mib/read.Seconds(), "agent-read-MiB/s")

@@ -19,7 +19,6 @@ import (
 	"github.com/distribution/reference"
 	"github.com/ipfs/go-cid"
 	"github.com/ipfs/kubo/client/rpc"
-	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/imagemesh/imagemesh/pkg/source"
@@ -123,23 +122,11 @@ func (s *Source) root(ctx context.Context) (string, error) {
 
 // Resolve reads a tag's link from the layout, and the manifest it names for its size and type.
 func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	b, err := s.readSmall(ctx, layout.TagCurrentLink(reference.Path(repo), tag), 1024)
-	if err != nil {
-		return ocispec.Descriptor{}, err
+	desc, err := layout.ResolveTag(ctx, s.readSmall, repo, tag)
+	if err != nil && !errors.As(err, new(*source.Error)) {
+		err = fmt.Errorf("ipfs: %s: %w", s.opts.Root, err)
 	}
-	d, err := digest.Parse(strings.TrimSpace(string(b)))
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("ipfs: tag %s:%s links to %q: %w", repo.Name(), tag, b, err)
-	}
-	return s.manifestDescriptor(ctx, d)
-}
-
-func (s *Source) manifestDescriptor(ctx context.Context, d digest.Digest) (ocispec.Descriptor, error) {
-	body, err := s.readSmall(ctx, layout.BlobData(d), source.MaxManifestSize)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{MediaType: source.ManifestMediaType(body), Digest: d, Size: int64(len(body))}, nil
+	return desc, err
 }
 
 func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
@@ -147,7 +134,7 @@ func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descripto
 		return ocispec.Descriptor{}, fmt.Errorf("ipfs: %w", err)
 	}
 	if obj.Kind == source.KindManifest {
-		return s.manifestDescriptor(ctx, obj.Digest)
+		return layout.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
 	}
 	size, err := s.size(ctx, layout.BlobData(obj.Digest))
 	if err != nil {

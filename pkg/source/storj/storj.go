@@ -90,23 +90,11 @@ func (s *Source) key(p string) string { return s.prefix + strings.TrimPrefix(p, 
 
 // Resolve reads a tag's link from the layout, and the manifest it names for its size and type.
 func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	b, err := s.readSmall(ctx, layout.TagCurrentLink(reference.Path(repo), tag), 1024)
-	if err != nil {
-		return ocispec.Descriptor{}, err
+	desc, err := layout.ResolveTag(ctx, s.readSmall, repo, tag)
+	if err != nil && !errors.As(err, new(*source.Error)) {
+		err = fmt.Errorf("storj: bucket %q: %w", s.opts.Bucket, err)
 	}
-	d, err := digest.Parse(strings.TrimSpace(string(b)))
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("storj: tag %s:%s in bucket %q links to %q: %w", repo.Name(), tag, s.opts.Bucket, b, err)
-	}
-	return s.manifestDescriptor(ctx, d)
-}
-
-func (s *Source) manifestDescriptor(ctx context.Context, d digest.Digest) (ocispec.Descriptor, error) {
-	body, err := s.readSmall(ctx, layout.BlobData(d), source.MaxManifestSize)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{MediaType: source.ManifestMediaType(body), Digest: d, Size: int64(len(body))}, nil
+	return desc, err
 }
 
 func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
@@ -114,7 +102,7 @@ func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descripto
 		return ocispec.Descriptor{}, fmt.Errorf("storj: %w", err)
 	}
 	if obj.Kind == source.KindManifest {
-		return s.manifestDescriptor(ctx, obj.Digest)
+		return layout.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
