@@ -16,7 +16,8 @@ import (
 // gateway (POST, one streamed PATCH, PUT) against a plain uplink upload of the same number of bytes
 // from a file; and a cold agent reading a layer from Storj (verified, written to its store, streamed
 // to the client) against a plain uplink download of it, to /dev/null and to a file. It also reports
-// the gateway's peak RSS, to show that a layer streams through and is not held in memory.
+// the gateway's peak RSS after the 256 MiB pushes and after one 1 GiB push, to show that a layer
+// streams through and is not held in memory.
 func BenchmarkStorj(b *testing.B) {
 	const rounds = 5
 	network, access := storjBucket(b)
@@ -94,6 +95,14 @@ func BenchmarkStorj(b *testing.B) {
 	b.ReportMetric(mib/up.Seconds(), "uplink-upload-MiB/s")
 	b.ReportMetric(up.Seconds()/push.Seconds(), "push/upload")
 	b.ReportMetric(float64(peakRSS(b, gwProc.Pid))/(1<<20), "gateway-peak-RSS-MiB")
+	// A layer four times larger leaves the gateway's peak where it was: layers stream through.
+	big := filepath.Join(b.TempDir(), "big")
+	f, _ := os.Create(big)
+	io.CopyN(f, rand.Reader, 4*benchLayer)
+	f.Close()
+	pushBlob(b, gw, "bench/bigger", big, digestFile(b, big))
+	os.Remove(big)
+	b.ReportMetric(float64(peakRSS(b, gwProc.Pid))/(1<<20), "gateway-peak-RSS-after-1GiB-MiB")
 
 	// Reads: the last pushed layer, by a fresh agent each round, against uplink downloads of the
 	// plain object.
