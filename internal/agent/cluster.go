@@ -374,9 +374,9 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 		if err != nil {
 			return nil, fmt.Errorf("Storj bucket %s: access grant: %w", spec.Bucket, err)
 		}
-		b, ok := sec.Data[storjAccessKey]
+		b, ok := sec.Data[mirrorconfig.StorjAccessKey]
 		if !ok {
-			return nil, fmt.Errorf("Storj bucket %s: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, storjAccessKey)
+			return nil, fmt.Errorf("Storj bucket %s: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, mirrorconfig.StorjAccessKey)
 		}
 		access = string(b)
 	}
@@ -405,9 +405,6 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 	c.built[key] = src
 	return src, nil
 }
-
-// storjAccessKey is the key of a Storj access Secret that holds the serialized grant.
-const storjAccessKey = "access"
 
 // builtSource keys the sources built so far; the grant is kept as a hash, not as the secret itself.
 type builtSource struct {

@@ -319,10 +319,10 @@ func (r *ImageSourceReconciler) checkSources(ctx context.Context, is *imagemeshv
 			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: %w", ref, err))
 			continue
 		}
-		access, err := uplink.ParseAccess(strings.TrimSpace(string(sec.Data["access"])))
+		access, err := uplink.ParseAccess(strings.TrimSpace(string(sec.Data[mirrorconfig.StorjAccessKey])))
 		if err != nil {
 			reason = ReasonInvalidAccess
-			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: key \"access\" does not hold a Storj access grant: %w", ref, err))
+			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: key %q does not hold a Storj access grant: %w", ref, mirrorconfig.StorjAccessKey, err))
 			continue
 		}
 		if r.StorjProbe != nil {

@@ -45,7 +45,7 @@ type Source struct {
 	// Storj
 	Bucket string `json:"bucket,omitempty"`
 	Prefix string `json:"prefix,omitempty"`
-	// AccessSecret names a Secret in the controller's namespace whose key "access" holds the grant.
+	// AccessSecret names a Secret in the controller's namespace whose key StorjAccessKey holds the grant.
 	AccessSecret string `json:"accessSecret,omitempty"`
 	// AccessFile is a file on the node holding the grant: for an agent configured by file, without
 	// a cluster.
@@ -54,6 +54,9 @@ type Source struct {
 	Root     string `json:"root,omitempty"`
 	Endpoint string `json:"endpoint,omitempty"`
 }
+
+// StorjAccessKey is the key of a Storj access Secret that holds the serialized grant.
+const StorjAccessKey = "access"
 
 // Marshal renders the document as YAML.
 func (d Document) Marshal() ([]byte, error) { return yaml.Marshal(d) }

@@ -121,22 +121,34 @@ func (s *Source) Open(ctx context.Context, obj source.Object, offset int64) (*so
 		return nil, &source.Error{Source: s.Name(), Op: "read", Target: obj.String(),
 			Err: fmt.Errorf("bucket %q: its copy failed verification recently: %w", s.opts.Bucket, source.ErrNotFound)}
 	}
-	desc, err := s.Stat(ctx, obj)
-	if err != nil {
-		return nil, err
-	}
-	if offset > desc.Size {
-		return nil, fmt.Errorf("storj: offset %d past the end of %s (%d bytes)", offset, obj.Digest, desc.Size)
+	var desc ocispec.Descriptor
+	if obj.Kind == source.KindManifest {
+		// A manifest's descriptor carries its media type, read from its bytes.
+		d, err := s.Stat(ctx, obj)
+		if err != nil {
+			return nil, err
+		}
+		desc = d
 	}
 	// The stream is not bounded by Timeout: a transfer that stalls is cut off by the content store.
+	var rc io.ReadCloser
 	dl, err := s.project.DownloadObject(ctx, s.opts.Bucket, s.key(layout.BlobData(obj.Digest)), &uplink.DownloadOptions{Offset: offset, Length: -1})
 	if err != nil {
-		return nil, s.wrap("read", obj.String(), err)
-	}
-	var rc io.ReadCloser = dl
-	if offset == desc.Size {
-		dl.Close()
-		rc = io.NopCloser(strings.NewReader(""))
+		// Storj refuses a range that starts at or past the end; at the end, the rest is empty.
+		st, serr := s.Stat(ctx, obj)
+		switch {
+		case serr != nil || offset < st.Size:
+			return nil, s.wrap("read", obj.String(), err)
+		case offset > st.Size:
+			return nil, fmt.Errorf("storj: offset %d past the end of %s (%d bytes)", offset, obj.Digest, st.Size)
+		}
+		rc, desc.Digest, desc.Size = io.NopCloser(strings.NewReader("")), obj.Digest, st.Size
+	} else {
+		rc = dl
+		if obj.Kind != source.KindManifest {
+			// A blob's size comes with the download: no second request to the satellite.
+			desc = ocispec.Descriptor{Digest: obj.Digest, Size: dl.Info().System.ContentLength}
+		}
 	}
 	return &source.Content{
 		ReadCloser: &readErrors{rc: rc, s: s, target: obj.String()}, Descriptor: desc, Source: s.Name(),

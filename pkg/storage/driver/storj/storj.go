@@ -414,17 +414,6 @@ func (d *bucketDriver) List(ctx context.Context, p string) ([]string, error) {
 // Move is Storj's server-side move: no bytes travel, only the object's metadata is re-keyed (and its
 // keys re-encrypted for the new path). An object already at dst is replaced.
 func (d *bucketDriver) Move(ctx context.Context, src, dst string) error {
-	err := d.project.MoveObject(ctx, d.bucket, d.key(src), d.bucket, d.key(dst), nil)
-	if err == nil || errors.Is(err, uplink.ErrObjectNotFound) {
-		return d.wrapMove(src, dst, err)
-	}
-	// Satellites that refuse to move onto an existing key: remove it, then move.
-	if _, serr := d.project.StatObject(ctx, d.bucket, d.key(dst)); serr != nil {
-		return d.wrapMove(src, dst, err)
-	}
-	if _, derr := d.project.DeleteObject(ctx, d.bucket, d.key(dst)); derr != nil {
-		return d.wrap("replace", dst, derr)
-	}
 	return d.wrapMove(src, dst, d.project.MoveObject(ctx, d.bucket, d.key(src), d.bucket, d.key(dst), nil))
 }
 
