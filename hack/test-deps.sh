@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
-#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql
+#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql, etcd,
+#     CNI plugins, iptables, conntrack
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
-#     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo, and a testplanet
+#     registry, crane, containerd 2.x (and its runc shim), Kubernetes (kube-apiserver, kubelet and the
+#     rest of a cluster), helm, controller-gen, kubo, and a testplanet
 #     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite), and the OCI
 #     distribution-spec conformance suite
 set -euo pipefail
@@ -17,6 +19,12 @@ command -v curl >/dev/null || missing+=(curl)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 command -v initdb >/dev/null || [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql)
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
+# The multi-node cluster (hack/cluster.sh): CNI plugins, iptables and conntrack for kube-proxy and
+# portmap, nsenter and unshare for the nodes' namespaces.
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v conntrack >/dev/null || missing+=(conntrack)
+command -v nsenter >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
@@ -27,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kube-apiserver helm controller-gen kubo storj-planet oci-conformance)
+tools=(registry crane containerd2 kubernetes helm controller-gen kubo storj-planet oci-conformance)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	goflag "flag"
 	"fmt"
 	"net/http"
 	"os"
@@ -64,6 +65,10 @@ func newCommand() *cobra.Command {
 	f.StringVar(&opts.ProbeAddr, "health-probe-bind-address", opts.ProbeAddr, "address of /healthz and /readyz")
 	f.BoolVar(&opts.LeaderElect, "leader-elect", opts.LeaderElect, "elect a leader, so that replicas do not reconcile at once")
 	f.StringVar(&opts.Kubeconfig, "kubeconfig", "", "kubeconfig outside the cluster (default: the pod's service account)")
+	// controller-runtime's logging flags (--zap-log-level, --zap-devel, ...), which the chart sets.
+	zapFlags := goflag.NewFlagSet("zap", goflag.ContinueOnError)
+	zapOpts.BindFlags(zapFlags)
+	f.AddGoFlagSet(zapFlags)
 	return cmd
 }
 

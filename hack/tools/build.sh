@@ -14,8 +14,9 @@ mkdir -p "$bin"
 declare -A pkg=(
   [registry]=github.com/distribution/distribution/v3/cmd/registry
   [crane]=github.com/google/go-containerregistry/cmd/crane
-  [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"
-  [kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
+  [containerd2]="github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"
+  # The control plane (envtest uses kube-apiserver alone) and a node's programs, for hack/cluster.sh.
+  [kubernetes]="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kubectl"
   [controller-gen]=sigs.k8s.io/controller-tools/cmd/controller-gen
   [helm]=helm.sh/helm/v3/cmd/helm
   [kubo]=github.com/ipfs/kubo/cmd/ipfs
@@ -33,23 +34,24 @@ declare -A flags=(
 declare -A cgo=(
   [storj-planet]=1
 )
-# Linker flags per tool. kube-apiserver built outside its repository reports version v0.0.0 unless
-# told; Helm charts and clients that check the server version need the real one.
+# Linker flags per tool. Kubernetes built outside its repository reports version v0.0.0 unless told;
+# Helm charts and clients that check the server version need the real one, and kubelets register it.
 declare -A ldflags=(
-  [kube-apiserver]="-X k8s.io/component-base/version.gitVersion=v1.34.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34"
+  [kubernetes]="-X k8s.io/component-base/version.gitVersion=v1.34.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34"
 )
 # Names the binaries get in the bin dir, so that containerd 2.x does not shadow Debian's 1.6.
 declare -A alias=(
   [containerd2/containerd]=containerd2
   [containerd2/ctr]=ctr2
+  [containerd2/containerd-shim-runc-v2]=containerd2-shim-runc-v2
 )
 
 build() {
   local name=$1 mod="$here/$1"
   [ -n "${pkg[$name]:-}" ] || { echo "build.sh: unknown tool $name" >&2; exit 2; }
-  # The version key is the hash of the scratch module's go.mod, go.sum and Go files (and linker
-  # flags): a bump rebuilds, nothing else does.
-  local key; key=$( (cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go 2>/dev/null; [ -z "${ldflags[$name]:-}" ] || echo "${ldflags[$name]}") | sha256sum | cut -c1-12)
+  # The version key is the hash of the scratch module's go.mod, go.sum and Go files, and of what is
+  # built from it and how (packages, flags): a change of either rebuilds, nothing else does.
+  local key; key=$( (cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go 2>/dev/null; echo "${pkg[$name]}|${flags[$name]:-}|${ldflags[$name]:-}|${cgo[$name]:-}") | sha256sum | cut -c1-12)
   local dir="$cache/$name-$key"
   if [ ! -f "$dir/.complete" ]; then
     echo "build.sh: building $name into $dir" >&2

@@ -25,9 +25,20 @@ type Layer struct{ Size int64 }
 // ref names a registry on 127.0.0.1, e.g. reg.Host+"/team/app:v1".
 func PushImage(t testing.TB, ref string, layers ...Layer) digest.Digest {
 	t.Helper()
+	return PushImageOnBase(t, "", ref, layers...)
+}
+
+// PushImageOnBase is PushImage with the layers appended to the image base (pulled over plain HTTP),
+// whose configuration the new image keeps: its entrypoint runs, e.g. in a pod. An empty base is
+// PushImage's empty image.
+func PushImageOnBase(t testing.TB, base, ref string, layers ...Layer) digest.Digest {
+	t.Helper()
 	crane := Tool(t, "crane")
 	dir := t.TempDir()
 	args := []string{"append", "--insecure", "-t", ref}
+	if base != "" {
+		args = append(args, "-b", base)
+	}
 	for i, l := range layers {
 		p := filepath.Join(dir, fmt.Sprintf("layer%d.tar", i))
 		if err := writeLayerTar(p, fmt.Sprintf("data/file%d.bin", i), l.Size); err != nil {

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"testing"
 	"time"
 )
@@ -32,6 +33,17 @@ type Registry struct {
 	token http.Handler
 	// tlsCA, tlsCert and tlsKey, if set, make the registry serve HTTPS.
 	tlsCA, tlsCert, tlsKey string
+	// netns, if set, is the network namespace the registry runs in.
+	netns string
+}
+
+// InNetns runs the registry in network namespace ns, on addr (host:port, an address of ns), e.g. on
+// a Cluster's outside host, whose link a test can shape.
+func InNetns(ns, addr string) RegistryOption {
+	return func(t testing.TB, r *Registry, dir string) string {
+		r.netns, r.Host, r.URL = ns, addr, "http://"+addr
+		return ""
+	}
 }
 
 // RegistryOption configures a registry before it starts.
@@ -93,7 +105,11 @@ func (r *Registry) Start(t testing.TB) {
 	if r.proc != nil {
 		t.Fatalf("registry %s is already running", r.Host)
 	}
-	p, err := startProcess(r.log, r.bin, "serve", r.config)
+	bin, args := r.bin, []string{"serve", r.config}
+	if r.netns != "" {
+		bin, args = "ip", append([]string{"netns", "exec", r.netns, r.bin}, args...)
+	}
+	p, err := startProcess(r.log, bin, args...)
 	if err != nil {
 		t.Fatalf("start registry: %v", err)
 	}
@@ -126,6 +142,25 @@ func (r *Registry) Stop(t testing.TB) {
 	r.proc.stop(10 * time.Second)
 	r.proc = nil
 }
+
+// BlobGets counts, by digest, the blob GETs the registry answered with 200 or 206, from its access
+// log: how often the upstream served each blob's bytes.
+func (r *Registry) BlobGets(t testing.TB) map[string]int {
+	t.Helper()
+	b, err := os.ReadFile(r.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[string]int{}
+	for _, m := range blobGet.FindAllStringSubmatch(string(b), -1) {
+		n[m[1]]++
+	}
+	return n
+}
+
+// blobGet matches a blob GET in a combined-format access log line: "GET /v2/<repo>/blobs/<digest>
+// HTTP/1.1" 200.
+var blobGet = regexp.MustCompile(`"GET /v2/[^ ]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" 20[06] `)
 
 // PID is the registry's process id while it runs (0 when stopped), for measuring it.
 func (r *Registry) PID() int {

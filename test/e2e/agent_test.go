@@ -141,9 +141,16 @@ func (a *agent) Kill() {
 // Metric returns the sum of the samples of a metric whose labels contain every given name="value".
 func (a *agent) Metric(name string, labels ...string) float64 {
 	a.t.Helper()
-	resp, err := http.Get(a.URL + "/metrics")
+	return scrape(a.t, a.URL+"/metrics", name, labels...)
+}
+
+// scrape returns the sum of the samples of a metric at a Prometheus endpoint whose labels contain
+// every given name="value".
+func scrape(t testing.TB, url, name string, labels ...string) float64 {
+	t.Helper()
+	resp, err := http.Get(url)
 	if err != nil {
-		a.t.Fatal(err)
+		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	var sum float64
