@@ -88,6 +88,7 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.Var(kubernetesService{&cfg.Peering}, "bootstrap-service", "NAMESPACE/NAME: find peers through the EndpointSlices of the agents' Service (port \"api\")")
 	f.StringVar(&cfg.Cluster.ConfigMap, "cluster-config", cfg.Cluster.ConfigMap, "NAMESPACE/NAME of the ConfigMap the imagemesh controller publishes; the agent applies it to this node")
 	f.StringVar(&cfg.Cluster.NodeName, "node-name", cfg.Cluster.NodeName, "this node's name (default $NODE_NAME)")
+	f.StringVar(&cfg.Cluster.DaemonSet, "daemonset", cfg.Cluster.DaemonSet, "NAMESPACE/NAME of the agents' DaemonSet: on SIGTERM, hosts.toml files stay while it lives (rolling update) and go with it (uninstall)")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig outside the cluster (default: the pod's service account)")
 	f.BoolVar(&cfg.Peering.ResolveTags, "peer-resolve-tags", cfg.Peering.ResolveTags, "let peers answer tag lookups when the registry cannot")
 	f.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "debug, info, warn or error")

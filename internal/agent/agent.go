@@ -117,7 +117,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		ns, name, _ := strings.Cut(cfg.Cluster.ConfigMap, "/")
 		cs = &clusterSync{
-			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName,
+			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName, daemonSet: cfg.Cluster.DaemonSet,
 			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries, staticRegistries: cfg.Registries,
 			upstream: upstream, mirror: func() *mirror.Mirror { return m },
 			decentralized: decentralized, staticSources: static,
@@ -261,7 +261,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	})
 	err = g.Wait()
 	if cs != nil {
-		cs.cleanup()
+		cs.cleanup(context.Background())
 	}
 	if n := node.Load(); n != nil {
 		n.Close()

@@ -41,6 +41,7 @@ type clusterSync struct {
 	namespace   string
 	configMap   string
 	node        string
+	daemonSet   string // NAMESPACE/NAME of the agents' DaemonSet, or empty
 	hostsDir    string
 	mirrorURL   string
 	staticHosts []string // hosts.toml the agent's own configuration asks for
@@ -336,11 +337,26 @@ func (c *clusterSync) prefetch(ctx context.Context, regs []mirrorconfig.Registry
 	}
 }
 
-// cleanup removes the hosts.toml files the agent wrote for the cluster: on uninstall, containerd
-// goes back to the registries directly.
-func (c *clusterSync) cleanup() {
+// cleanup removes the hosts.toml files the agent wrote for the cluster when the agents are being
+// uninstalled: containerd goes back to the registries directly. While the agents' DaemonSet lives,
+// this stop is a rolling update or a drain, and the files stay: containerd falls back to their
+// `server` while nobody answers on the agent's port, and the next agent takes over at once. When the
+// DaemonSet cannot be read, the files go, as they always did.
+func (c *clusterSync) cleanup(ctx context.Context) {
 	if c.hostsDir == "" {
 		return
+	}
+	if ns, name, ok := strings.Cut(c.daemonSet, "/"); ok {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		ds, err := c.client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+		cancel()
+		if err == nil && ds.DeletionTimestamp == nil {
+			c.log.Info("containerd hosts.toml kept: the agents' DaemonSet stays", "daemonSet", c.daemonSet)
+			return
+		}
+		if err != nil && !apierrors.IsNotFound(err) {
+			c.log.Warn("cannot tell an uninstall from a restart; removing hosts.toml", "daemonSet", c.daemonSet, "err", err)
+		}
 	}
 	removed, err := hostconfig.Prune(c.hostsDir, c.staticHosts)
 	if err != nil {

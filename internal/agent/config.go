@@ -126,6 +126,11 @@ type ClusterConfig struct {
 	ConfigMap string `json:"configMap,omitempty"`
 	// NodeName is the agent's node (the downward API's spec.nodeName).
 	NodeName string `json:"nodeName,omitempty"`
+	// DaemonSet is NAMESPACE/NAME of the agents' DaemonSet. On SIGTERM the agent keeps its hosts.toml
+	// files while the DaemonSet lives (a rolling update, a drain: containerd falls back to the
+	// registries until the next agent starts) and removes them once it is gone (uninstall). Empty
+	// removes them on every stop.
+	DaemonSet string `json:"daemonSet,omitempty"`
 }
 
 // Enabled says whether the agent peers.
@@ -221,6 +226,11 @@ func (c *Config) Validate() error {
 	if c.Cluster.ConfigMap != "" {
 		if ns, name, ok := strings.Cut(c.Cluster.ConfigMap, "/"); !ok || ns == "" || name == "" {
 			errs = append(errs, fmt.Errorf("cluster.configMap %q: want NAMESPACE/NAME", c.Cluster.ConfigMap))
+		}
+	}
+	if c.Cluster.DaemonSet != "" {
+		if ns, name, ok := strings.Cut(c.Cluster.DaemonSet, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("cluster.daemonSet %q: want NAMESPACE/NAME", c.Cluster.DaemonSet))
 		}
 		if c.Cluster.NodeName == "" {
 			errs = append(errs, errors.New("cluster.nodeName (--node-name, $NODE_NAME) is required with cluster.configMap"))
