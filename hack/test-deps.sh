@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
-#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql
+#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql,
+#     ca-certificates (the bundle `make images` puts into the images)
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x, kube-apiserver, helm, controller-gen, kubo, and a testplanet
 #     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite), and the OCI
@@ -17,6 +18,7 @@ command -v curl >/dev/null || missing+=(curl)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 command -v initdb >/dev/null || [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql)
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
