@@ -1,5 +1,6 @@
 # imagemesh: `make run` starts a node agent on its defaults; `make test` installs what the tests need
-# (Debian packages, tools built from Go modules into ~/.cache/imagemesh/tools) and runs every test.
+# (Debian packages, tools built from Go modules into ~/.cache/imagemesh/tools) and runs every test;
+# `make images` builds the OCI images.
 
 GO        ?= go
 BIN       ?= bin
@@ -8,7 +9,7 @@ LDFLAGS   := -X github.com/imagemesh/imagemesh/internal/agent.Version=$(VERSION)
 TOOLS_DIR  = $(HOME)/.cache/imagemesh/tools/bin
 TESTFLAGS ?=
 
-.PHONY: all build run test test-deps check bench bench-peering generate clean
+.PHONY: all build run images test test-deps check bench bench-peering generate clean
 
 all: build
 
@@ -17,6 +18,19 @@ build:
 
 run: build
 	$(BIN)/node-agent
+
+# The OCI images of node-agent, controller and imagemesh for linux/amd64 and linux/arm64, built with no
+# container runtime (hack/images, internal/imagebuild): one OCI layout in $(BIN)/images. With
+# REGISTRY=host[:port]/prefix they are also pushed as REGISTRY/<name>:TAG (plain HTTP for localhost,
+# or with INSECURE=1). TAG defaults to the chart's appVersion; timestamps to SOURCE_DATE_EPOCH, else
+# the HEAD commit's time, so that one commit always gives the same digests.
+REGISTRY ?=
+TAG      ?=
+INSECURE ?=
+
+images:
+	$(GO) run ./hack/images -go '$(GO)' -out $(BIN)/images -version '$(VERSION)' \
+		$(if $(REGISTRY),-registry '$(REGISTRY)') $(if $(TAG),-tag '$(TAG)') $(if $(filter 1 true yes,$(INSECURE)),-insecure)
 
 test-deps:
 	hack/test-deps.sh

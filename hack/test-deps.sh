@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
 #   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql, etcd,
-#     CNI plugins, iptables, conntrack
+#     CNI plugins, iptables, conntrack, ca-certificates (the bundle `make images` puts into the images)
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x (and its runc shim), Kubernetes (kube-apiserver, kubelet and the
 #     rest of a cluster), helm, controller-gen, kubo, and a testplanet
@@ -25,6 +25,7 @@ command -v initdb >/dev/null || [ -x /usr/lib/postgresql/15/bin/initdb ] || miss
 command -v iptables >/dev/null || missing+=(iptables)
 command -v conntrack >/dev/null || missing+=(conntrack)
 command -v nsenter >/dev/null || missing+=(util-linux)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2

@@ -34,7 +34,7 @@ import (
 	"github.com/imagemesh/imagemesh/pkg/source"
 	"github.com/imagemesh/imagemesh/pkg/source/ipfs"
 	storjsource "github.com/imagemesh/imagemesh/pkg/source/storj"
-	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
+	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
 
 // Version is set at build time.
@@ -424,7 +424,7 @@ func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
 		for _, spec := range u.Sources {
 			var access string
 			if spec.Type == "Storj" {
-				a, err := storj.ParseAccess(storj.Parameters{AccessFile: spec.AccessFile})
+				a, err := storjaccess.Load("", spec.AccessFile)
 				if err != nil {
 					return nil, fmt.Errorf("upstream %s: Storj bucket %s: %w", u.Host, spec.Bucket, err)
 				}

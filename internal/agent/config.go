@@ -19,7 +19,7 @@ import (
 
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
-	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
+	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
 
 // Config is the agent's configuration. The YAML file uses these field names; flags override them.
@@ -393,8 +393,8 @@ func validateSource(s mirrorconfig.Source) error {
 		if s.Bucket == "" {
 			return errors.New("a Storj source needs bucket")
 		}
-		if s.AccessFile == "" && os.Getenv(storj.AccessEnv) == "" {
-			return fmt.Errorf("a Storj source needs accessFile (a file holding an access grant), or $%s", storj.AccessEnv)
+		if s.AccessFile == "" && os.Getenv(storjaccess.Env) == "" {
+			return fmt.Errorf("a Storj source needs accessFile (a file holding an access grant), or $%s", storjaccess.Env)
 		}
 		return nil
 	}

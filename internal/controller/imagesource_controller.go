@@ -34,6 +34,7 @@ import (
 
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
+	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
 
 // The contract with the node agents (see mirrorconfig): the controller publishes the configuration in
@@ -319,10 +320,10 @@ func (r *ImageSourceReconciler) checkSources(ctx context.Context, is *imagemeshv
 			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: %w", ref, err))
 			continue
 		}
-		access, err := uplink.ParseAccess(strings.TrimSpace(string(sec.Data[mirrorconfig.StorjAccessKey])))
+		access, err := storjaccess.Parse(string(sec.Data[mirrorconfig.StorjAccessKey]))
 		if err != nil {
 			reason = ReasonInvalidAccess
-			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: key %q does not hold a Storj access grant: %w", ref, mirrorconfig.StorjAccessKey, err))
+			storjErrs = append(storjErrs, fmt.Errorf("Secret %s, key %q: %w", ref, mirrorconfig.StorjAccessKey, err))
 			continue
 		}
 		if r.StorjProbe != nil {

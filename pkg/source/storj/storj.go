@@ -26,6 +26,7 @@ import (
 
 	"github.com/imagemesh/imagemesh/pkg/source"
 	"github.com/imagemesh/imagemesh/pkg/storage/layout"
+	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
 
 // Options configure a Source.
@@ -65,9 +66,9 @@ func New(opts Options) (*Source, error) {
 	if opts.RejectFor == 0 {
 		opts.RejectFor = 10 * time.Minute
 	}
-	access, err := uplink.ParseAccess(strings.TrimSpace(opts.Access))
+	access, err := storjaccess.Parse(opts.Access)
 	if err != nil {
-		return nil, fmt.Errorf("storj source for bucket %q: the access grant is not valid: %w", opts.Bucket, err)
+		return nil, fmt.Errorf("storj source for bucket %q: %w", opts.Bucket, err)
 	}
 	project, err := (uplink.Config{UserAgent: "imagemesh"}).OpenProject(context.Background(), access)
 	if err != nil {

@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path"
 	"sort"
 	"strings"
@@ -28,6 +27,8 @@ import (
 	"github.com/distribution/distribution/v3/registry/storage/driver/factory"
 	"golang.org/x/sync/errgroup"
 	"storj.io/uplink"
+
+	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
 
 // DriverName is the name the registry's configuration uses:
@@ -36,7 +37,7 @@ const DriverName = "storj"
 
 // AccessEnv is the environment variable a serialized access grant is read from when the
 // configuration names none.
-const AccessEnv = "STORJ_ACCESS"
+const AccessEnv = storjaccess.Env
 
 func init() { factory.Register(DriverName, storjFactory{}) }
 
@@ -66,27 +67,11 @@ func FromParameters(ctx context.Context, params map[string]any) (*Driver, error)
 }
 
 // ParseAccess reads the access grant the parameters name: given inline, from a file, or from the
-// environment, in that order. Errors never quote the grant: it is a secret.
+// environment, in that order (storjaccess.Load). Errors never quote the grant: it is a secret.
 func ParseAccess(p Parameters) (*uplink.Access, error) {
-	serialized, from := p.Access, "the access parameter"
-	if serialized == "" && p.AccessFile != "" {
-		b, err := os.ReadFile(p.AccessFile)
-		if err != nil {
-			return nil, fmt.Errorf("storj: read access grant: %w", err)
-		}
-		serialized, from = string(b), "access grant file "+p.AccessFile
-	}
-	if serialized == "" {
-		serialized, from = os.Getenv(AccessEnv), "$"+AccessEnv
-	}
-	serialized = strings.TrimSpace(serialized)
-	if serialized == "" {
-		return nil, fmt.Errorf("storj: no access grant: give one in a file (accessfile, --storj-access-file) or in $%s", AccessEnv)
-	}
-	access, err := uplink.ParseAccess(serialized)
+	access, err := storjaccess.Load(p.Access, p.AccessFile)
 	if err != nil {
-		// uplink's message names no part of the grant.
-		return nil, fmt.Errorf("storj: %s does not hold a valid access grant: %w", from, err)
+		return nil, fmt.Errorf("storj: %w", err)
 	}
 	return access, nil
 }
