@@ -9,7 +9,7 @@ LDFLAGS   := -X github.com/imagemesh/imagemesh/internal/agent.Version=$(VERSION)
 TOOLS_DIR  = $(HOME)/.cache/imagemesh/tools/bin
 TESTFLAGS ?=
 
-.PHONY: all build run images test test-deps check bench bench-peering generate clean
+.PHONY: all build run images test test-deps check bench bench-peering bench-cluster generate clean
 
 all: build
 
@@ -61,6 +61,10 @@ bench: test-deps
 # 8 nodes in network namespaces pull one 256 MiB image at once; peering off, then on. Needs root.
 bench-peering: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/peering-netns.sh bench
+
+# Pods on every node of a real cluster (hack/cluster.sh), with the chart and without it. Needs root.
+bench-cluster: test-deps
+	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/cluster-bench.sh
 
 clean:
 	rm -rf $(BIN)
