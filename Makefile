@@ -27,10 +27,10 @@ run: build
 REGISTRY ?=
 TAG      ?=
 INSECURE ?=
+IMAGES_FLAGS = $(if $(REGISTRY),-registry '$(REGISTRY)') $(if $(TAG),-tag '$(TAG)') $(if $(filter 1 true yes,$(INSECURE)),-insecure)
 
 images:
-	$(GO) run ./hack/images -go '$(GO)' -out $(BIN)/images -version '$(VERSION)' \
-		$(if $(REGISTRY),-registry '$(REGISTRY)') $(if $(TAG),-tag '$(TAG)') $(if $(filter 1 true yes,$(INSECURE)),-insecure)
+	$(GO) run ./hack/images -go '$(GO)' -out $(BIN)/images -version '$(VERSION)' $(IMAGES_FLAGS)
 
 test-deps:
 	hack/test-deps.sh

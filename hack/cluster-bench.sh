@@ -96,9 +96,9 @@ declare -A secs bytes
 for r in $(seq 1 "$ROUNDS"); do
   operator_hosts on
   push "alone$r"
-  read -r s b < <(run "alone$r" 1 node1); secs[alone]+="$s " bytes[alone]+="$b "
+  out=$(run "alone$r" 1 node1); read -r s b <<<"$out"; secs[alone]+="$s " bytes[alone]+="$b "
   push "direct$r"
-  read -r s b < <(run "direct$r" "$NODES"); secs[direct]+="$s " bytes[direct]+="$b "
+  out=$(run "direct$r" "$NODES"); read -r s b <<<"$out"; secs[direct]+="$s " bytes[direct]+="$b "
   operator_hosts off
   incp helm install imagemesh charts/imagemesh --namespace imagemesh-system --create-namespace --wait --timeout 5m >/dev/null
   printf '{apiVersion: imagemesh.io/v1alpha1, kind: ImageSource, metadata: {name: bench}, spec: {registries: ["%s"], upstream: {endpoint: "http://%s"}}}' "$up" "$up" | k apply -f - >/dev/null
@@ -106,17 +106,25 @@ for r in $(seq 1 "$ROUNDS"); do
     [ "$(k get imagesource bench -o jsonpath='{.status.nodesConfigured}')" = "$NODES" ] && break
     sleep 0.2
   done
+  # Steady state: every agent has found the others (a fresh install takes a few seconds).
+  for ip in $(k -n imagemesh-system get pods -l app.kubernetes.io/component=node-agent -o jsonpath='{.items[*].status.podIP}'); do
+    for _ in $(seq 1 300); do
+      [ "$(incp curl -fsS "http://$ip:5000/metrics" | awk '/^imagemesh_peering_peers /{print $2}')" = $((NODES - 1)) ] && break
+      sleep 0.2
+    done
+  done
   push "mesh$r"
-  read -r s b < <(run "mesh$r" "$NODES"); secs[imagemesh]+="$s " bytes[imagemesh]+="$b "
+  out=$(run "mesh$r" "$NODES"); read -r s b <<<"$out"; secs[imagemesh]+="$s " bytes[imagemesh]+="$b "
   k delete imagesource bench >/dev/null
   incp helm uninstall imagemesh --namespace imagemesh-system --wait >/dev/null
-  log "round $r: alone ${secs[alone]##* } direct ... (see the table at the end)"
+  log "after round $r: seconds alone ${secs[alone]}| direct ${secs[direct]}| imagemesh ${secs[imagemesh]}| imagemesh upstream bytes ${bytes[imagemesh]}"
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 image=$((SIZE_MIB << 20))
 alone=$(median <<<"${secs[alone]}")
 printf '\n%-10s %-28s %10s %16s %14s\n' case "seconds (rounds)" "median s" "upstream bytes" "x image"
+# The upstream bytes are the median round's; every round's are in the log lines above.
 for c in alone direct imagemesh; do
   s=$(median <<<"${secs[$c]}")
   b=$(median <<<"${bytes[$c]}")

@@ -22,7 +22,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -111,7 +110,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	var m *mirror.Mirror
 	var cs *clusterSync
 	if cfg.Cluster.ConfigMap != "" {
-		client, err := kubeClient(cfg.Kubeconfig)
+		client, err := connectKubernetes(cfg.Kubeconfig)
 		if err != nil {
 			return fmt.Errorf("cluster configuration: %w", err)
 		}
@@ -392,7 +391,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 }
 
 func kubernetesPeers(k *KubernetesDiscovery, kubeconfig string) (peering.KubernetesPeers, error) {
-	client, err := kubeClient(kubeconfig)
+	client, err := connectKubernetes(kubeconfig)
 	if err != nil {
 		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
 	}
@@ -400,9 +399,9 @@ func kubernetesPeers(k *KubernetesDiscovery, kubeconfig string) (peering.Kuberne
 	return peering.KubernetesPeers{Client: client, Namespace: ns, Service: name, PortName: k.PortName}, nil
 }
 
-// kubeClient connects to the API server: with kubeconfig outside the cluster, with the pod's service
-// account inside.
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+// connectKubernetes connects to the API server: with kubeconfig outside the cluster, with the pod's
+// service account inside.
+func connectKubernetes(kubeconfig string) (*kubeClient, error) {
 	var rc *rest.Config
 	var err error
 	if kubeconfig != "" {
@@ -414,7 +413,7 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 		return nil, err
 	}
 	rc.UserAgent = "imagemesh-node-agent/" + Version
-	return kubernetes.NewForConfig(rc)
+	return newKubeClient(rc)
 }
 
 // decentralizedSources builds the sources the configuration names for each registry.

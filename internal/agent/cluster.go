@@ -20,8 +20,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,7 +35,7 @@ import (
 // reaches their upstreams as the ImageSources say (credentials from their Secrets), prefetches their
 // images, and reports the configuration it applied in its Lease.
 type clusterSync struct {
-	client      kubernetes.Interface
+	client      *kubeClient
 	namespace   string
 	configMap   string
 	node        string
@@ -72,10 +70,7 @@ func (c *clusterSync) peersMayResolve(host string) bool {
 }
 
 func (c *clusterSync) run(ctx context.Context) error {
-	factory := informers.NewSharedInformerFactoryWithOptions(c.client, 10*time.Minute,
-		informers.WithNamespace(c.namespace),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + c.configMap }))
-	informer := factory.Core().V1().ConfigMaps()
+	informer := c.client.configMapInformer(c.namespace, c.configMap, 10*time.Minute)
 	changed := make(chan struct{}, 1)
 	poke := func(any) {
 		select {
@@ -83,21 +78,23 @@ func (c *clusterSync) run(ctx context.Context) error {
 		default:
 		}
 	}
-	informer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: poke, UpdateFunc: func(_, o any) { poke(o) }, DeleteFunc: poke,
 	})
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
-	if !cache.WaitForCacheSync(ctx.Done(), informer.Informer().HasSynced) {
+	var informing sync.WaitGroup
+	informing.Go(func() { informer.RunWithContext(ctx) })
+	defer informing.Wait()
+	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
 		return ctx.Err()
 	}
 	// The Lease is renewed, and node labels read again, on a timer; the configuration on every change.
 	tick := time.NewTicker(mirrorconfig.LeaseStale / 4)
 	defer tick.Stop()
 	for {
-		cm, err := informer.Lister().ConfigMaps(c.namespace).Get(c.configMap)
-		if apierrors.IsNotFound(err) {
-			cm, err = &corev1.ConfigMap{}, nil
+		cm := &corev1.ConfigMap{}
+		obj, ok, err := informer.GetStore().GetByKey(c.namespace + "/" + c.configMap)
+		if ok {
+			cm = obj.(*corev1.ConfigMap)
 		}
 		if err == nil {
 			err = c.sync(ctx, cm)
@@ -125,7 +122,7 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 		return err
 	}
 	hash := doc.Hash()
-	node, err := c.client.CoreV1().Nodes().Get(ctx, c.node, metav1.GetOptions{})
+	node, err := c.client.node(ctx, c.node)
 	if err != nil {
 		return fmt.Errorf("node %s: %w", c.node, err)
 	}
@@ -230,7 +227,7 @@ func (c *clusterSync) endpoint(ctx context.Context, r mirrorconfig.Registry) (so
 	if r.CredentialsSecret == "" {
 		return ep, nil
 	}
-	sec, err := c.client.CoreV1().Secrets(c.namespace).Get(ctx, r.CredentialsSecret, metav1.GetOptions{})
+	sec, err := c.client.secret(ctx, c.namespace, r.CredentialsSecret)
 	if err != nil {
 		return source.Endpoint{}, fmt.Errorf("registry %s: credentials: %w", r.Host, err)
 	}
@@ -281,18 +278,16 @@ func credentials(sec *corev1.Secret, hosts ...string) (string, string, error) {
 
 // report renews the node's Lease with the hash it applied.
 func (c *clusterSync) report(ctx context.Context, hash string) error {
-	leases := c.client.CoordinationV1().Leases(c.namespace)
 	name := mirrorconfig.LeasePrefix + c.node
 	now := metav1.NewMicroTime(time.Now())
-	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
+	lease, err := c.client.lease(ctx, c.namespace, name)
 	if apierrors.IsNotFound(err) {
 		lease = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: c.namespace,
 			Labels: map[string]string{"app.kubernetes.io/name": "imagemesh", "app.kubernetes.io/component": "node-agent"}}}
 		lease.Annotations = map[string]string{mirrorconfig.AppliedAnnotation: hash}
 		lease.Spec.HolderIdentity = &c.node
 		lease.Spec.RenewTime = &now
-		_, err = leases.Create(ctx, lease, metav1.CreateOptions{})
-		return err
+		return c.client.createLease(ctx, lease)
 	}
 	if err != nil {
 		return err
@@ -303,8 +298,7 @@ func (c *clusterSync) report(ctx context.Context, hash string) error {
 	lease.Annotations[mirrorconfig.AppliedAnnotation] = hash
 	lease.Spec.HolderIdentity = &c.node
 	lease.Spec.RenewTime = &now
-	_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
-	return err
+	return c.client.updateLease(ctx, lease)
 }
 
 // prefetch pulls each listed image once into the cache, in the background.
@@ -348,7 +342,7 @@ func (c *clusterSync) cleanup(ctx context.Context) {
 	}
 	if ns, name, ok := strings.Cut(c.daemonSet, "/"); ok {
 		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		ds, err := c.client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+		ds, err := c.client.daemonSetMeta(ctx, ns, name)
 		cancel()
 		if err == nil && ds.DeletionTimestamp == nil {
 			c.log.Info("containerd hosts.toml kept: the agents' DaemonSet stays", "daemonSet", c.daemonSet)
@@ -386,7 +380,7 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 		if spec.AccessSecret == "" {
 			return nil, fmt.Errorf("Storj bucket %s: no access Secret", spec.Bucket)
 		}
-		sec, err := c.client.CoreV1().Secrets(c.namespace).Get(ctx, spec.AccessSecret, metav1.GetOptions{})
+		sec, err := c.client.secret(ctx, c.namespace, spec.AccessSecret)
 		if err != nil {
 			return nil, fmt.Errorf("Storj bucket %s: access grant: %w", spec.Bucket, err)
 		}

@@ -150,24 +150,30 @@ func (n *Node) join(ctx context.Context) {
 }
 
 // discoverLoop keeps looking for peers while the node has few: agents start in any order, and a node
-// alone must find the others once they come up.
+// alone must find the others once they come up. It looks again after 1 s, then backs off to
+// DiscoverInterval while nobody new turns up, and starts over at 1 s whenever somebody does: after a
+// fresh install every agent starts alone, and the others become findable (Ready) seconds later.
 func (n *Node) discoverLoop() {
 	defer n.wg.Done()
-	tick := time.NewTicker(n.opts.DiscoverInterval)
-	defer tick.Stop()
+	const first = time.Second
+	wait := min(first, n.opts.DiscoverInterval)
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
 	for {
 		select {
 		case <-n.ctx.Done():
 			return
-		case <-tick.C:
+		case <-timer.C:
 		}
-		if n.Peers() >= n.opts.MinPeers {
-			continue
+		wait = min(2*wait, n.opts.DiscoverInterval)
+		if n.Peers() < n.opts.MinPeers {
+			before := n.Peers()
+			n.join(n.ctx)
+			if n.Peers() > before {
+				n.dht.RefreshRoutingTable()
+				wait = min(first, n.opts.DiscoverInterval)
+			}
 		}
-		before := n.Peers()
-		n.join(n.ctx)
-		if n.Peers() > before {
-			n.dht.RefreshRoutingTable()
-		}
+		timer.Reset(wait)
 	}
 }

@@ -8,19 +8,22 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 )
 
 // KubernetesPeers finds peers through the EndpointSlices of the agents' Service: every ready endpoint
 // is an agent, whose API (the Service port named PortName) tells its peer ID.
 type KubernetesPeers struct {
-	Client    kubernetes.Interface
+	Client    EndpointSliceLister
 	Namespace string
 	Service   string
 	// PortName names the Service port of the agents' API. Default "api".
 	PortName string
 	HTTP     *http.Client
+}
+
+// EndpointSliceLister lists the EndpointSlices in a namespace that match a label selector.
+type EndpointSliceLister interface {
+	EndpointSlices(ctx context.Context, namespace, selector string) (*discoveryv1.EndpointSliceList, error)
 }
 
 func (k KubernetesPeers) Name() string { return "kubernetes " + k.Namespace + "/" + k.Service }
@@ -30,9 +33,7 @@ func (k KubernetesPeers) Discover(ctx context.Context) ([]peer.AddrInfo, error) 
 	if portName == "" {
 		portName = "api"
 	}
-	list, err := k.Client.DiscoveryV1().EndpointSlices(k.Namespace).List(ctx, metav1.ListOptions{
-		LabelSelector: discoveryv1.LabelServiceName + "=" + k.Service,
-	})
+	list, err := k.Client.EndpointSlices(ctx, k.Namespace, discoveryv1.LabelServiceName+"="+k.Service)
 	if err != nil {
 		return nil, fmt.Errorf("discover peers through %s: %w", k.Name(), err)
 	}
