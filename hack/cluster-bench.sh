@@ -42,7 +42,8 @@ storage: {filesystem: {rootdirectory: $CLUSTER_DIR/upstream}}
 http: {addr: "$up"}
 EOF
 setsid ip netns exec "$UPSTREAM_NETNS" "$T/registry" serve "$CLUSTER_DIR/upstream.yml" >"$CLUSTER_DIR/upstream.log" 2>&1 </dev/null &
-for _ in $(seq 1 100); do incp curl -fsS -o /dev/null "http://$up/v2/" && break; sleep 0.1; done
+disown # hack/cluster.sh down ends it with the cluster
+for _ in $(seq 1 100); do incp curl -fsS -o /dev/null "http://$up/v2/" 2>/dev/null && break; sleep 0.1; done
 
 push() { # push NAME: a new image of one SIZE_MIB layer
   local d=$CLUSTER_DIR/layer
