@@ -1,6 +1,7 @@
 package mirror
 
 import (
+	"net/http"
 	"strconv"
 	"time"
 
@@ -40,8 +41,19 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	return m
 }
 
+// methodLabel keeps the method label to a closed set: a client that invents methods must not make a
+// new series with each (the pull API answers GET and HEAD; everything else is refused alike).
+func methodLabel(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead:
+		return method
+	default:
+		return "other"
+	}
+}
+
 func (m *metrics) observe(kind, method string, code int, source string, bytes int64, d time.Duration) {
-	m.requests.WithLabelValues(kind, method, strconv.Itoa(code), source).Inc()
+	m.requests.WithLabelValues(kind, methodLabel(method), strconv.Itoa(code), source).Inc()
 	if bytes > 0 {
 		m.bytes.WithLabelValues(kind, source).Add(float64(bytes))
 	}

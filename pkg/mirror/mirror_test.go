@@ -293,6 +293,44 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+// TestMetricLabelsClosed: whatever a client sends, the request metric's labels come from a closed set,
+// so a client cannot grow the agent's memory and its scrapes by inventing methods or paths.
+func TestMetricLabelsClosed(t *testing.T) {
+	e := setup(t, 1000)
+	for i := range 200 {
+		for _, path := range []string{"/v2/", fmt.Sprintf("/v2/x%d/manifests/v1?ns=%s", i, ns), fmt.Sprintf("/nope/%d", i)} {
+			req, _ := http.NewRequest(fmt.Sprintf("X%d", i), e.mirror.URL+path, nil)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+		}
+	}
+	families, err := e.metrics.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != "imagemesh_mirror_requests_total" {
+			continue
+		}
+		methods := map[string]bool{}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "method" {
+					methods[l.GetValue()] = true
+				}
+			}
+		}
+		if len(f.GetMetric()) > 20 || len(methods) > 3 {
+			t.Fatalf("%d series of %s with methods %v after 600 requests with invented methods", len(f.GetMetric()), f.GetName(), methods)
+		}
+		return
+	}
+	t.Fatal("no imagemesh_mirror_requests_total")
+}
+
 func TestConcurrentColdPullsFetchOnce(t *testing.T) {
 	e := setup(t, 8<<20)
 	e.proxy.slowBlobs.Store(true)
