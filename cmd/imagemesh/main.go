@@ -5,6 +5,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -76,6 +78,7 @@ type gatewayOptions struct {
 	storj           storjFlags
 	static          bool
 	staticPrefix    string
+	secretFile      string
 }
 
 func gatewayCommand() *cobra.Command {
@@ -91,6 +94,7 @@ func gatewayCommand() *cobra.Command {
 	o.storj.bind(cmd)
 	cmd.Flags().StringVar(&o.listen, "listen", "127.0.0.1:5080", "address of the registry API")
 	cmd.Flags().StringVar(&o.storage, "storage", "ipfs", "where pushed images go: ipfs or storj")
+	cmd.Flags().StringVar(&o.secretFile, "upload-secret-file", "", "file holding the secret that signs upload state; gateways behind one address need the same (default: random, one per process)")
 	cmd.Flags().BoolVar(&o.static, "static-layout", false, "storj: after each manifest push, also write the static /v2/ layout that linksharing serves to docker pull")
 	cmd.Flags().StringVar(&o.staticPrefix, "static-prefix", "", "storj: where the static layout starts in the bucket")
 	return cmd
@@ -162,7 +166,11 @@ func runGateway(ctx context.Context, o gatewayOptions) error {
 	}
 	cfg.Storage["maintenance"] = configuration.Parameters{"uploadpurging": purge}
 	cfg.Log.Level = "warn"
-	cfg.HTTP.Secret = fmt.Sprintf("%d", time.Now().UnixNano())
+	secret, err := uploadSecret(o.secretFile)
+	if err != nil {
+		return err
+	}
+	cfg.HTTP.Secret = secret
 	app := handlers.NewApp(ctx, cfg)
 
 	var handler http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -319,4 +327,26 @@ func storjCommand() *cobra.Command {
 	export.Flags().StringVar(&prefix, "static-prefix", "", "where the static layout starts in the bucket")
 	cmd.AddCommand(export)
 	return cmd
+}
+
+// uploadSecret is the secret distribution signs the state of an upload with, which a client hands
+// back with every chunk: from the operator's file (several gateways behind one address must share it),
+// else random. A guessable one (it came from the clock) lets a client forge another's upload state.
+func uploadSecret(file string) (string, error) {
+	if file != "" {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("--upload-secret-file: %w", err)
+		}
+		s := strings.TrimSpace(string(b))
+		if len(s) < 16 {
+			return "", fmt.Errorf("--upload-secret-file %s: %d characters, want at least 16", file, len(s))
+		}
+		return s, nil
+	}
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("upload secret: %w", err)
+	}
+	return hex.EncodeToString(b), nil
 }
