@@ -148,6 +148,8 @@ func TestHelmChart(t *testing.T) {
 			"agent.unknown=1":        "unknown",
 			"agent.logLevel=verbose": "logLevel",
 			"agent.dataDir=relative": "dataDir",
+			// kubo's API and the agent's peering port would share the pod's network namespace.
+			"ipfs.kubo.enabled=true,agent.peerPort=5001": "taken by kubo",
 		} {
 			out, err := exec.Command(helm, "template", "im", chartDir, "--kube-version", "1.34.4", "--set", set).CombinedOutput()
 			if err == nil || !strings.Contains(string(out), want) {
