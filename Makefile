@@ -35,9 +35,13 @@ images:
 test-deps:
 	hack/test-deps.sh
 
+# gofmt, go vet, a tidy go.mod, and no build output (nor any other file over 1 MB) tracked by git.
 check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
+	@big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print "  " $$2 " (" $$1 " bytes)"}'); \
+	if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs belong in .gitignore):"; echo "$$big"; exit 1; fi
 
 # distribution's driver suite on Storj runs without the race detector: uplink's erasure coding is pure
 # Go, and under -race the suite's 5 GiB and 32-stream cases take longer than the whole CI budget on 2
