@@ -4,9 +4,12 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/imagemesh/imagemesh/internal/agent"
 )
@@ -69,3 +72,35 @@ func TestBadArguments(t *testing.T) {
 		}
 	}
 }
+
+// TestEveryFlagInREADME: the README's configuration table is where users look; a flag added to the
+// command without a row there fails here, and so does a row for a flag that no longer exists.
+func TestEveryFlagInREADME(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
+	cmd := newCommand(nil, nil)
+	flags := map[string]bool{}
+	cmd.Flags().VisitAll(func(f *pflag.Flag) {
+		flags[f.Name] = true
+		if !strings.Contains(readme, "| `--"+f.Name) && !strings.Contains(readme, ", `--"+f.Name) {
+			t.Errorf("--%s is not in the README's configuration table", f.Name)
+		}
+	})
+	// Rows of the table: "| `--name ARG` | ..." (several flags may share a row).
+	for _, line := range strings.Split(readme, "\n") {
+		if !strings.HasPrefix(line, "| `--") {
+			continue
+		}
+		first := strings.SplitN(line, "|", 3)[1]
+		for _, m := range flagName.FindAllStringSubmatch(first, -1) {
+			if !flags[m[1]] && m[1] != "help" && m[1] != "version" {
+				t.Errorf("the README's table names --%s, which node-agent does not have", m[1])
+			}
+		}
+	}
+}
+
+var flagName = regexp.MustCompile("`--([a-z0-9-]+)")
