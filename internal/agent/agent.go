@@ -422,7 +422,7 @@ func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
 	for _, u := range ups {
 		for _, spec := range u.Sources {
 			var access string
-			if spec.Type == "Storj" {
+			if spec.Type == mirrorconfig.SourceStorj {
 				a, err := storjaccess.Load("", spec.AccessFile)
 				if err != nil {
 					return nil, fmt.Errorf("upstream %s: Storj bucket %s: %w", u.Host, spec.Bucket, err)
@@ -444,9 +444,9 @@ func decentralizedSources(ups []Upstream) (map[string][]source.Source, error) {
 // newSource builds one decentralized source; access is a Storj source's serialized grant.
 func newSource(spec mirrorconfig.Source, access string) (source.Source, error) {
 	switch spec.Type {
-	case "IPFS":
+	case mirrorconfig.SourceIPFS:
 		return ipfs.New(ipfs.Options{API: spec.Endpoint, Root: spec.Root})
-	case "Storj":
+	case mirrorconfig.SourceStorj:
 		return storjsource.New(storjsource.Options{Access: access, Bucket: spec.Bucket, Prefix: spec.Prefix})
 	}
 	return nil, fmt.Errorf("%s sources are not supported yet", spec.Type)

@@ -376,7 +376,7 @@ func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus
 // grant in its Secret) does not change.
 func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (source.Source, error) {
 	var access string
-	if spec.Type == "Storj" {
+	if spec.Type == mirrorconfig.SourceStorj {
 		if spec.AccessSecret == "" {
 			return nil, fmt.Errorf("Storj bucket %s: no access Secret", spec.Bucket)
 		}

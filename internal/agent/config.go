@@ -384,12 +384,12 @@ func (p PeeringConfig) validate() []error {
 
 func validateSource(s mirrorconfig.Source) error {
 	switch s.Type {
-	case "IPFS":
+	case mirrorconfig.SourceIPFS:
 		if s.Root == "" || s.Endpoint == "" {
 			return errors.New("an IPFS source needs root and endpoint (the kubo RPC API)")
 		}
 		return nil
-	case "Storj":
+	case mirrorconfig.SourceStorj:
 		if s.Bucket == "" {
 			return errors.New("a Storj source needs bucket")
 		}

@@ -39,8 +39,16 @@ type Registry struct {
 	NodeSelector *metav1.LabelSelector `json:"nodeSelector,omitempty"`
 }
 
+// Source types, the words of the ImageSource API (api/v1alpha1's SourceStorj and SourceIPFS), which
+// the agent does not import.
+const (
+	SourceStorj = "Storj"
+	SourceIPFS  = "IPFS"
+)
+
 // Source is a decentralized store, in the order the agents ask them.
 type Source struct {
+	// Type is SourceStorj or SourceIPFS.
 	Type string `json:"type"`
 	// Storj
 	Bucket string `json:"bucket,omitempty"`
