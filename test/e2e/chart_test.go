@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -14,8 +15,10 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -213,6 +216,51 @@ func decodeAll(t *testing.T, b []byte) []*unstructured.Unstructured {
 		}
 		if len(u.Object) > 0 {
 			objs = append(objs, u)
+		}
+	}
+}
+
+// TestChartRBACMatchesGenerated: the chart's controller roles carry the rules controller-gen
+// generates into config/rbac from the controller's markers (make generate), and only one more: events
+// in the release namespace, which leader election records there. A marker changed without the chart
+// fails here.
+func TestChartRBACMatchesGenerated(t *testing.T) {
+	helm := testenv.Tool(t, "helm")
+	b, err := os.ReadFile("../../config/rbac/role.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := func(o *unstructured.Unstructured) []string {
+		var r rbacv1.ClusterRole // same rules field as a Role
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &r); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, rule := range r.Rules {
+			verbs := slices.Sorted(slices.Values(rule.Verbs))
+			for _, g := range rule.APIGroups {
+				for _, res := range rule.Resources {
+					out = append(out, fmt.Sprintf("%s/%s %v", g, res, verbs))
+				}
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	want := map[string][]string{}
+	for _, o := range decodeAll(t, b) {
+		want[o.GetKind()] = rules(o)
+	}
+	want["Role"] = slices.Sorted(slices.Values(append(want["Role"], "/events [create patch]")))
+	got := map[string][]string{}
+	for _, o := range render(t, helm, "imagemesh-system") {
+		if (o.GetKind() == "Role" || o.GetKind() == "ClusterRole") && strings.HasSuffix(o.GetName(), "-controller") {
+			got[o.GetKind()] = rules(o)
+		}
+	}
+	for kind, w := range want {
+		if !slices.Equal(got[kind], w) {
+			t.Errorf("the chart's controller %s:\n  %v\nconfig/rbac (generated) says:\n  %v", kind, got[kind], w)
 		}
 	}
 }
