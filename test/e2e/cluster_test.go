@@ -146,13 +146,8 @@ func runDaemon(t testing.TB, name, bin string, args ...string) *os.Process {
 	return cmd.Process
 }
 
+// eventually waits up to 30 s for cond.
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting: %s", what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitUntil(t, 30*time.Second, what, cond)
 }
