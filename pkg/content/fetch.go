@@ -137,6 +137,9 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	if s.ctx.Err() != nil {
 		return nil, fmt.Errorf("fetch %s: store is closed", d)
 	}
+	if len(s.fetching) >= s.opts.MaxFetches {
+		return nil, fmt.Errorf("fetch %s: %d under way: %w", d, len(s.fetching), ErrTooManyFetches)
+	}
 	f, err := os.CreateTemp(s.ingestDir(), "fetch-")
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s: %w", d, err)

@@ -34,6 +34,12 @@ var ErrNotFound = errors.New("content not found")
 // ErrDigestMismatch is returned when bytes do not hash to the digest they were fetched for.
 var ErrDigestMismatch = errors.New("content does not match its digest")
 
+// ErrTooManyFetches is returned when a blob would need a new fetch and MaxFetches are under way.
+var ErrTooManyFetches = errors.New("too many fetches under way")
+
+// DefaultMaxFetches is the default of Options.MaxFetches.
+const DefaultMaxFetches = 512
+
 // ErrSizeMismatch is returned when a source sends more or fewer bytes than it announced.
 var ErrSizeMismatch = errors.New("content does not match its announced size")
 
@@ -57,6 +63,11 @@ type Options struct {
 	StallTimeout time.Duration
 	// FetchAttempts bounds how often one fetch is resumed after a source failed mid-way. Default 4.
 	FetchAttempts int
+	// MaxFetches bounds the fetches under way at once (each holds a file in ingest/, a goroutine and a
+	// source's connection); past it, Fetch of a blob nobody fetches yet fails with ErrTooManyFetches.
+	// Joining a fetch under way, and reading what the store holds, are never refused. Default
+	// DefaultMaxFetches.
+	MaxFetches int
 	// Registerer receives the store's metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -116,6 +127,9 @@ func Open(root string, opts Options) (*Store, error) {
 	}
 	if opts.FetchAttempts == 0 {
 		opts.FetchAttempts = 4
+	}
+	if opts.MaxFetches <= 0 {
+		opts.MaxFetches = DefaultMaxFetches
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)

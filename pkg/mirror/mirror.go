@@ -42,9 +42,14 @@ type Options struct {
 	TagTTL time.Duration
 	// TagDir keeps tag answers across restarts, so that a restarted agent still serves while the
 	// upstream is down. Empty keeps them in memory only.
-	TagDir     string
-	Registerer prometheus.Registerer
-	Logger     *slog.Logger
+	TagDir string
+	// MaxSourceRequests bounds the requests that wait on a source (peers, decentralized storage, the
+	// registry) at once; MaxSourceRequestsPerClient bounds them per client address. Past either, the
+	// mirror answers 429 TOOMANYREQUESTS at once. Requests the store answers alone are not counted.
+	// Defaults: DefaultMaxSourceRequests, DefaultMaxSourceRequestsPerClient.
+	MaxSourceRequests, MaxSourceRequestsPerClient int
+	Registerer                                    prometheus.Registerer
+	Logger                                        *slog.Logger
 }
 
 // Mirror is an http.Handler for the /v2/ pull API.
@@ -56,6 +61,7 @@ type Mirror struct {
 	log     *slog.Logger
 	metrics *metrics
 
+	limit     *sourceLimit
 	manifests singleflight.Group
 	resolves  singleflight.Group
 	// registries, when set, are the only registries pulled from: opts.Registries, then SetRegistries.
@@ -73,6 +79,12 @@ func New(opts Options) (*Mirror, error) {
 	if opts.TagTTL == 0 {
 		opts.TagTTL = 30 * time.Second
 	}
+	if opts.MaxSourceRequests <= 0 {
+		opts.MaxSourceRequests = DefaultMaxSourceRequests
+	}
+	if opts.MaxSourceRequestsPerClient <= 0 {
+		opts.MaxSourceRequestsPerClient = DefaultMaxSourceRequestsPerClient
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -87,6 +99,7 @@ func New(opts Options) (*Mirror, error) {
 		tags:    tags,
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
+		limit:   newSourceLimit(opts.MaxSourceRequests, opts.MaxSourceRequestsPerClient),
 	}
 	if len(opts.Registries) > 0 {
 		m.SetRegistries(opts.Registries)
@@ -140,6 +153,15 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	kind = strings.TrimSuffix(req.kind, "s")
+	if !m.local(req) {
+		release, ok := m.limit.acquire(clientAddr(r))
+		if !ok {
+			rw.Header().Set("Retry-After", "1")
+			m.writeError(rw, 0, errTooManyRequests)
+			return
+		}
+		defer release()
+	}
 	switch req.kind {
 	case "manifests":
 		m.serveManifest(rw, r, req)
@@ -238,6 +260,8 @@ func errorFor(err error, unknown errcode.ErrorCode) (int, error) {
 		return http.StatusBadGateway, errcode.ErrorCodeDigestInvalid.WithMessage(err.Error())
 	case errors.Is(err, source.ErrUnavailable):
 		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
+	case errors.Is(err, content.ErrTooManyFetches):
+		return 0, errcode.ErrorCodeTooManyRequests.WithMessage(err.Error())
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
 	}

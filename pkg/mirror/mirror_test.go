@@ -2,6 +2,8 @@ package mirror_test
 
 import (
 	"bytes"
+	"context"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -33,6 +35,7 @@ type faultProxy struct {
 	corrupt   atomic.Bool
 	down      atomic.Bool
 	slowBlobs atomic.Bool // delay blob bodies, so that clients pile up on a cold fetch
+	silent    atomic.Bool // accept blob requests and never answer, as a registry that hangs
 	bigDigest atomic.Value
 }
 
@@ -52,6 +55,10 @@ func newFaultProxy(t *testing.T, upstream string) *faultProxy {
 	p.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if p.down.Load() {
 			http.Error(w, "down for the test", http.StatusServiceUnavailable)
+			return
+		}
+		if p.silent.Load() && strings.Contains(r.URL.Path, "/blobs/") {
+			<-r.Context().Done()
 			return
 		}
 		if i := strings.Index(r.URL.Path, "/blobs/sha256:"); i >= 0 && r.Method == http.MethodGet {
@@ -107,7 +114,7 @@ type env struct {
 // ns is the registry host the tests pull from; the agent maps it to the proxy.
 const ns = "example.test"
 
-func setup(t *testing.T, layerSize int64) *env {
+func setup(t *testing.T, layerSize int64, tune ...func(*content.Options, *mirror.Options)) *env {
 	t.Helper()
 	reg := testenv.StartRegistry(t)
 	e := &env{reg: reg, repo: "team/app"}
@@ -115,7 +122,12 @@ func setup(t *testing.T, layerSize int64) *env {
 	e.proxy = newFaultProxy(t, reg.URL)
 	e.metrics = prometheus.NewRegistry()
 	var err error
-	e.store, err = content.Open(t.TempDir(), content.Options{Registerer: e.metrics, StallTimeout: 5 * time.Second})
+	storeOpts := content.Options{Registerer: e.metrics, StallTimeout: 5 * time.Second}
+	var mirrorOpts mirror.Options
+	for _, f := range tune {
+		f(&storeOpts, &mirrorOpts)
+	}
+	e.store, err = content.Open(t.TempDir(), storeOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,13 +140,12 @@ func setup(t *testing.T, layerSize int64) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := mirror.New(mirror.Options{
-		Store:      e.store,
-		Source:     source.NewChain(source.Link{Source: up, ResolveTags: true}),
-		TagTTL:     200 * time.Millisecond,
-		TagDir:     t.TempDir(),
-		Registerer: e.metrics,
-	})
+	mirrorOpts.Store = e.store
+	mirrorOpts.Source = source.NewChain(source.Link{Source: up, ResolveTags: true})
+	mirrorOpts.TagTTL = 200 * time.Millisecond
+	mirrorOpts.TagDir = t.TempDir()
+	mirrorOpts.Registerer = e.metrics
+	m, err := mirror.New(mirrorOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,6 +340,86 @@ func TestMetricLabelsClosed(t *testing.T) {
 		return
 	}
 	t.Fatal("no imagemesh_mirror_requests_total")
+}
+
+// TestFloodOfMissesIsBounded: requests for blobs nobody has, from a registry that never answers, each
+// hold a slot while they wait, and the fetches they start go on after their clients left. Both are
+// bounded: a client past its share, and a request that would start a fetch past the store's bound, is
+// answered 429 at once, and a blob the node holds is still served.
+func TestFloodOfMissesIsBounded(t *testing.T) {
+	e := setup(t, 1000, func(c *content.Options, m *mirror.Options) { c.MaxFetches, m.MaxSourceRequestsPerClient = 8, 4 })
+	e.get(t, "blobs/"+e.layer.Digest.String(), "")
+	e.proxy.silent.Store(true)
+	blobURL := func() string {
+		b := make([]byte, 32)
+		rand.Read(b)
+		return e.mirror.URL + "/v2/" + e.repo + "/blobs/" + digest.FromBytes(b).String() + "?ns=" + ns
+	}
+	inFlight := func() float64 { return gauge(t, e.metrics, "imagemesh_content_fetches_in_flight") }
+
+	// One client with 4 requests waiting: its 5th is refused at once.
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, blobURL(), nil)
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}()
+	}
+	for deadline := time.Now().Add(5 * time.Second); inFlight() < 4; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v fetches under way, want 4", inFlight())
+		}
+	}
+	start := time.Now()
+	resp, err := http.Get(blobURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || time.Since(start) > time.Second || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("a 5th waiting request of one client: %s after %s, want 429 at once with Retry-After", resp.Status, time.Since(start))
+	}
+	cancel()
+	wg.Wait()
+
+	// Their 4 fetches go on without them; clients that give up after 200 ms start 4 more at most, and
+	// every request past that is refused at once.
+	refused := 0
+	for range 24 {
+		c := &http.Client{Timeout: 200 * time.Millisecond}
+		if resp, err := c.Get(blobURL()); err == nil {
+			if resp.StatusCode == http.StatusTooManyRequests {
+				refused++
+			}
+			resp.Body.Close()
+		}
+	}
+	if n := inFlight(); n > 8 || refused < 16 {
+		t.Fatalf("%v fetches under way (bound 8), %d of 24 requests refused (want 16 or more)", n, refused)
+	}
+	// What the node holds is still served.
+	e.get(t, "blobs/"+e.layer.Digest.String(), "")
+}
+
+// gauge returns the value of a gauge without labels.
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == name && len(f.GetMetric()) == 1 {
+			return f.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no gauge %s", name)
+	return 0
 }
 
 func TestConcurrentColdPullsFetchOnce(t *testing.T) {
