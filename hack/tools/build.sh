@@ -24,6 +24,9 @@ declare -A pkg=(
   [storj-planet]=test:storj-planet
   # The OCI distribution-spec conformance suite (a command named conformance).
   [oci-conformance]=github.com/opencontainers/distribution-spec/conformance
+  # make check's linter, and the generator of the chart's README from values.yaml.
+  [golangci-lint]=github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+  [helm-docs]=github.com/norwoodj/helm-docs/cmd/helm-docs
 )
 # Extra go build flags per tool.
 declare -A flags=(
