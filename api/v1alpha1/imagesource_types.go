@@ -61,6 +61,7 @@ type Upstream struct {
 // +kubebuilder:validation:Enum=Storj;IPFS
 type SourceType string
 
+// The kinds of decentralized store.
 const (
 	SourceStorj SourceType = "Storj"
 	SourceIPFS  SourceType = "IPFS"

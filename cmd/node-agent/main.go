@@ -19,11 +19,12 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	run := func(ctx context.Context, cfg agent.Config) error {
 		return agent.Run(ctx, cfg, agent.NewLogger(cfg.Log))
 	}
-	if err := newCommand(os.Args[1:], run).ExecuteContext(ctx); err != nil {
+	err := newCommand(os.Args[1:], run).ExecuteContext(ctx)
+	stop()
+	if err != nil {
 		os.Exit(1)
 	}
 }

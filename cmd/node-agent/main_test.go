@@ -24,14 +24,16 @@ func configOf(t *testing.T, args ...string) (agent.Config, error) {
 
 func TestPrecedenceDefaultsFileFlags(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "agent.yaml")
-	os.WriteFile(file, []byte(`
+	if err := os.WriteFile(file, []byte(`
 listen: 0.0.0.0:6000
 tagTTL: 2m
 cache: {maxBytes: 20GiB}
 registries: [docker.io, ghcr.io]
 upstreams:
   - {host: example.test, endpoint: "http://127.0.0.1:5001", username: u, passwordFile: /p}
-`), 0o644)
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	c, err := configOf(t)
 	if err != nil || c.Listen != "127.0.0.1:5000" || c.DefaultRegistry != "docker.io" {

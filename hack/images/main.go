@@ -90,7 +90,11 @@ func run() error {
 	if opts.WorkDir, err = os.MkdirTemp("", "imagemesh-images-"); err != nil {
 		return err
 	}
-	defer os.RemoveAll(opts.WorkDir)
+	defer func() {
+		if err := os.RemoveAll(opts.WorkDir); err != nil {
+			fmt.Fprintln(os.Stderr, "images: remove work dir:", err)
+		}
+	}()
 
 	images, err := imagebuild.Build(ctx, opts)
 	if err != nil {

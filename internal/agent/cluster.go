@@ -78,9 +78,11 @@ func (c *clusterSync) run(ctx context.Context) error {
 		default:
 		}
 	}
-	informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: poke, UpdateFunc: func(_, o any) { poke(o) }, DeleteFunc: poke,
-	})
+	}); err != nil {
+		return fmt.Errorf("watch ConfigMap %s/%s: %w", c.namespace, c.configMap, err)
+	}
 	var informing sync.WaitGroup
 	informing.Go(func() { informer.RunWithContext(ctx) })
 	defer informing.Wait()
@@ -260,7 +262,7 @@ func credentials(sec *corev1.Secret, hosts ...string) (string, string, error) {
 	}
 	for key, a := range cfg.Auths {
 		k := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(key, "https://"), "http://"), "/")
-		if !slices.Contains(hosts, k) && !(k == "index.docker.io/v1" && slices.Contains(hosts, "docker.io")) {
+		if !slices.Contains(hosts, k) && (k != "index.docker.io/v1" || !slices.Contains(hosts, "docker.io")) {
 			continue
 		}
 		if a.Username != "" {
@@ -378,15 +380,15 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 	var access string
 	if spec.Type == mirrorconfig.SourceStorj {
 		if spec.AccessSecret == "" {
-			return nil, fmt.Errorf("Storj bucket %s: no access Secret", spec.Bucket)
+			return nil, fmt.Errorf("bucket %s on Storj: no access Secret", spec.Bucket)
 		}
 		sec, err := c.client.secret(ctx, c.namespace, spec.AccessSecret)
 		if err != nil {
-			return nil, fmt.Errorf("Storj bucket %s: access grant: %w", spec.Bucket, err)
+			return nil, fmt.Errorf("bucket %s on Storj: access grant: %w", spec.Bucket, err)
 		}
 		b, ok := sec.Data[mirrorconfig.StorjAccessKey]
 		if !ok {
-			return nil, fmt.Errorf("Storj bucket %s: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, mirrorconfig.StorjAccessKey)
+			return nil, fmt.Errorf("bucket %s on Storj: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, mirrorconfig.StorjAccessKey)
 		}
 		access = string(b)
 	}
@@ -407,7 +409,9 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 	for k, old := range c.built {
 		if k.spec == spec {
 			if cl, ok := old.(io.Closer); ok {
-				cl.Close()
+				if err := cl.Close(); err != nil {
+					c.log.Warn("close replaced source", "source", old.Name(), "err", err)
+				}
 			}
 			delete(c.built, k)
 		}

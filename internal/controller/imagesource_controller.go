@@ -94,6 +94,8 @@ type ImageSourceReconciler struct {
 // The agents' Leases are read; the controller's own (leader election) is written.
 // +kubebuilder:rbac:groups=coordination.k8s.io,namespace=imagemesh-system,resources=leases,verbs=get;list;watch;create;update;patch
 
+// Reconcile rebuilds the whole mirror configuration from every ImageSource, whichever one changed:
+// the ConfigMap is one document, and each registry's entry merges all the sources that name it.
 func (r *ImageSourceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	logger := log.FromContext(ctx)
 	var list imagemeshv1alpha1.ImageSourceList
@@ -317,19 +319,19 @@ func (r *ImageSourceReconciler) checkSources(ctx context.Context, is *imagemeshv
 		ref := fmt.Sprintf("%s/%s", r.Namespace, s.Storj.AccessSecretRef.Name)
 		var sec corev1.Secret
 		if err := r.Get(ctx, types.NamespacedName{Namespace: r.Namespace, Name: s.Storj.AccessSecretRef.Name}, &sec); err != nil {
-			storjErrs = append(storjErrs, fmt.Errorf("Secret %s: %w", ref, err))
+			storjErrs = append(storjErrs, fmt.Errorf("access Secret %s: %w", ref, err))
 			continue
 		}
 		access, err := storjaccess.Parse(string(sec.Data[mirrorconfig.StorjAccessKey]))
 		if err != nil {
 			reason = ReasonInvalidAccess
-			storjErrs = append(storjErrs, fmt.Errorf("Secret %s, key %q: %w", ref, mirrorconfig.StorjAccessKey, err))
+			storjErrs = append(storjErrs, fmt.Errorf("access Secret %s, key %q: %w", ref, mirrorconfig.StorjAccessKey, err))
 			continue
 		}
 		if r.StorjProbe != nil {
 			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			if err := r.StorjProbe(pctx, access, s.Storj.Bucket); err != nil {
-				storjErrs = append(storjErrs, fmt.Errorf("Storj bucket %s (grant in Secret %s): %w", s.Storj.Bucket, ref, err))
+				storjErrs = append(storjErrs, fmt.Errorf("bucket %s on Storj (grant in Secret %s): %w", s.Storj.Bucket, ref, err))
 			}
 			cancel()
 		}
@@ -423,7 +425,7 @@ func UplinkProbe(ctx context.Context, access *uplink.Access, bucket string) erro
 	if err != nil {
 		return fmt.Errorf("open project on %s: %w", access.SatelliteAddress(), err)
 	}
-	defer project.Close()
+	defer func() { _ = project.Close() }() // only looked
 	_, err = project.StatBucket(ctx, bucket)
 	switch {
 	case errors.Is(err, uplink.ErrBucketNotFound):
@@ -452,7 +454,7 @@ func HTTPProbe(c *http.Client) func(ctx context.Context, kind, endpoint string) 
 		if err != nil {
 			return err
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close() // only the status matters
 		if !slices.Contains(ok, resp.StatusCode) {
 			return fmt.Errorf("%s %s: HTTP %d", method, url, resp.StatusCode)
 		}

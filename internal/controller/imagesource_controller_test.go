@@ -295,7 +295,7 @@ func TestCRDValidation(t *testing.T) {
 	n := 0
 	for {
 		var u unstructured.Unstructured
-		if err := dec.Decode(&u.Object); err == io.EOF {
+		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
 			break
 		} else if err != nil {
 			t.Fatal(err)

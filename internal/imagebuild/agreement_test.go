@@ -3,6 +3,7 @@ package imagebuild
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"io"
 	"maps"
 	"os"
@@ -65,7 +66,7 @@ func TestImagesAgree(t *testing.T) {
 		r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(b)))
 		for {
 			doc, err := r.Read()
-			if err == io.EOF {
+			if errors.Is(err, io.EOF) {
 				return nil
 			}
 			if err != nil {

@@ -250,7 +250,7 @@ func writeTar(w io.Writer, files []tarEntry, mtime time.Time) error {
 			}
 			st, err := content.Stat()
 			if err != nil {
-				content.Close()
+				_ = content.Close() // read-only
 				return err
 			}
 			h.Typeflag, h.Size = tar.TypeReg, st.Size()
@@ -260,7 +260,7 @@ func writeTar(w io.Writer, files []tarEntry, mtime time.Time) error {
 		}
 		if content != nil {
 			_, err := io.Copy(tw, content)
-			content.Close()
+			_ = content.Close() // read-only
 			if err != nil {
 				return err
 			}

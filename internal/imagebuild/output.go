@@ -91,9 +91,13 @@ func Report(w io.Writer, images []*Image) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(w, "%s@%s\n", im.Ref, d)
+		if _, err := fmt.Fprintf(w, "%s@%s\n", im.Ref, d); err != nil {
+			return err
+		}
 		for _, p := range im.Platforms {
-			fmt.Fprintf(w, "  %-12s %s  %5.1f MB compressed\n", p.Platform.String(), p.Digest, float64(p.CompressedSize)/1e6)
+			if _, err := fmt.Fprintf(w, "  %-12s %s  %5.1f MB compressed\n", p.Platform.String(), p.Digest, float64(p.CompressedSize)/1e6); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

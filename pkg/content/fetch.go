@@ -196,8 +196,7 @@ func (ing *ingestion) run() {
 	defer s.metrics.inflight.Dec()
 	err := ing.fill()
 	if err != nil {
-		ing.file.Close()
-		os.Remove(ing.file.Name())
+		s.discard(ing.file)
 	}
 	s.mu.Lock()
 	delete(s.fetching, ing.d)
@@ -266,7 +265,7 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 		}
 		return false, err
 	}
-	defer fetched.Body.Close()
+	defer func() { _ = fetched.Body.Close() }() // read-only; a failed read shows in rerr below
 
 	ing.mu.Lock()
 	first := ing.size < 0
@@ -336,7 +335,7 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 				}
 			}
 		}
-		if rerr == io.EOF {
+		if errors.Is(rerr, io.EOF) {
 			break
 		}
 		if rerr != nil {
@@ -433,7 +432,7 @@ func (ing *ingestion) rehash(hasher *pipeHasher) error {
 		} else {
 			hasher.release(buf)
 		}
-		if err != nil && !(errors.Is(err, io.EOF) && off+int64(k) == n) {
+		if err != nil && (!errors.Is(err, io.EOF) || off+int64(k) != n) {
 			return fmt.Errorf("%w: reread %s: %w", errPermanent, ing.file.Name(), err)
 		}
 		off += int64(k)
@@ -477,8 +476,8 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		if max := avail - off; int64(len(p)) > max {
-			p = p[:max]
+		if ready := avail - off; int64(len(p)) > ready {
+			p = p[:ready]
 		}
 	}
 	if rem := r.size - off; int64(len(p)) > rem {

@@ -271,15 +271,15 @@ func (s *Store) Open(d digest.Digest) (*os.File, Info, error) {
 	return f, info, nil
 }
 
-// ReadAll returns a small blob's bytes; it refuses blobs over max.
-func (s *Store) ReadAll(d digest.Digest, max int64) ([]byte, error) {
+// ReadAll returns a small blob's bytes; it refuses blobs over limit.
+func (s *Store) ReadAll(d digest.Digest, limit int64) ([]byte, error) {
 	f, info, err := s.Open(d)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	if info.Size > max {
-		return nil, fmt.Errorf("%s is %d bytes, over the limit of %d", d, info.Size, max)
+	defer func() { _ = f.Close() }() // read-only
+	if info.Size > limit {
+		return nil, fmt.Errorf("%s is %d bytes, over the limit of %d", d, info.Size, limit)
 	}
 	b := make([]byte, info.Size)
 	if _, err := io.ReadFull(f, b); err != nil {
@@ -302,8 +302,7 @@ func (s *Store) Put(d digest.Digest, data []byte) error {
 		return fmt.Errorf("put %s: %w", d, err)
 	}
 	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(f.Name())
+		s.discard(f)
 		return fmt.Errorf("put %s: %w", d, err)
 	}
 	return s.commit(f, d, int64(len(data)))
@@ -317,12 +316,12 @@ func (s *Store) commit(f *os.File, d digest.Digest, size int64) error {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(tmp)
+		s.removeTemp(tmp)
 		return fmt.Errorf("commit %s: %w", d, err)
 	}
 	p, err := s.path(d)
 	if err != nil {
-		os.Remove(tmp)
+		s.removeTemp(tmp)
 		return err
 	}
 	// Modification time is the last-use time the index is rebuilt from.
@@ -331,12 +330,12 @@ func (s *Store) commit(f *os.File, d digest.Digest, size int64) error {
 	s.mu.Lock()
 	if _, ok := s.entries[d]; ok {
 		s.mu.Unlock()
-		os.Remove(tmp)
+		s.removeTemp(tmp)
 		return nil
 	}
 	if err := os.Rename(tmp, p); err != nil {
 		s.mu.Unlock()
-		os.Remove(tmp)
+		s.removeTemp(tmp)
 		return fmt.Errorf("commit %s: %w", d, err)
 	}
 	syncDir(filepath.Dir(p))
@@ -480,9 +479,26 @@ func (s *Store) notifyRemoved(ds []digest.Digest) {
 	}
 }
 
+// syncDir makes a rename in dir durable. It is best effort: the index is rebuilt from the files at
+// start, and a blob lost in a crash is fetched again.
 func syncDir(dir string) {
 	if d, err := os.Open(dir); err == nil {
 		_ = d.Sync()
-		d.Close()
+		_ = d.Close()
+	}
+}
+
+// discard closes and removes a temp file that will not become a blob.
+func (s *Store) discard(f *os.File) {
+	_ = f.Close() // the file is removed next; what it held does not matter
+	s.removeTemp(f.Name())
+}
+
+// removeTemp removes a temp file that will not become a blob. A file that cannot be removed is
+// never served (only committed blobs are) and goes with the ingest directory at the next start;
+// it is logged because it takes disk space until then.
+func (s *Store) removeTemp(path string) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("remove temp file", "path", path, "err", err)
 	}
 }

@@ -49,7 +49,9 @@ func TestPutVerifiesAndSurvivesReopen(t *testing.T) {
 	s.Close()
 
 	// A leftover temp file from a crash must be cleared, and never become a blob.
-	os.WriteFile(filepath.Join(root, "ingest", "fetch-123"), data[:10], 0o600)
+	if err := os.WriteFile(filepath.Join(root, "ingest", "fetch-123"), data[:10], 0o600); err != nil {
+		t.Fatal(err)
+	}
 	s2 := openStore(t, root, Options{})
 	got, err := s2.ReadAll(d, 1<<20)
 	if err != nil || !bytes.Equal(got, data) {

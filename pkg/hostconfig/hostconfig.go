@@ -255,8 +255,8 @@ func writeAtomic(path string, body []byte) error {
 		err = os.Rename(tmp.Name(), path)
 	}
 	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("write %s: %w", path, err)
+		// The temp file is named as no hosts.toml is: a leftover is never read by containerd.
+		return errors.Join(fmt.Errorf("write %s: %w", path, err), os.Remove(tmp.Name()))
 	}
 	return nil
 }

@@ -63,8 +63,12 @@ func TestApplyRemoveOwnsOnlyItsFiles(t *testing.T) {
 	}
 	// An operator's own file is neither overwritten nor removed.
 	own := filepath.Join(dir, "ghcr.io", FileName)
-	os.MkdirAll(filepath.Dir(own), 0o755)
-	os.WriteFile(own, []byte("server = \"https://ghcr.io\"\n"), 0o644)
+	if err := os.MkdirAll(filepath.Dir(own), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(own, []byte("server = \"https://ghcr.io\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := Apply(dir, []Registry{{Host: "ghcr.io", Mirrors: []Mirror{{URL: "http://127.0.0.1:5000"}}}}); !errors.Is(err, ErrNotManaged) {
 		t.Fatalf("Apply over an operator's file: %v, want ErrNotManaged", err)
 	}

@@ -30,8 +30,8 @@ type sourceLimit struct {
 	byClient map[string]int
 }
 
-func newSourceLimit(max, perClient int) *sourceLimit {
-	return &sourceLimit{max: max, perClient: perClient, byClient: map[string]int{}}
+func newSourceLimit(total, perClient int) *sourceLimit {
+	return &sourceLimit{max: total, perClient: perClient, byClient: map[string]int{}}
 }
 
 // acquire takes a slot for client, or reports that none is free.

@@ -24,8 +24,10 @@ type Discoverer interface {
 // StaticPeers are peers known by their full multiaddrs.
 type StaticPeers []peer.AddrInfo
 
+// Name labels the discovery in logs.
 func (s StaticPeers) Name() string { return "static" }
 
+// Discover returns the configured peers.
 func (s StaticPeers) Discover(context.Context) ([]peer.AddrInfo, error) { return s, nil }
 
 // InfoPath is where an agent's HTTP API tells its peer ID and addresses. Service records name
@@ -46,7 +48,7 @@ func (n *Node) InfoHandler() http.Handler {
 			info.Addrs = append(info.Addrs, a.String())
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(info)
+		_ = json.NewEncoder(w).Encode(info) // a client that went away is no error of ours
 	})
 }
 
@@ -59,8 +61,11 @@ type DNSPeers struct {
 	Client   *http.Client
 }
 
+// Name labels the discovery in logs.
 func (d DNSPeers) Name() string { return "dns " + d.Host }
 
+// Discover resolves the name and asks every address for its peer ID; addresses that do not
+// answer are left out.
 func (d DNSPeers) Discover(ctx context.Context) ([]peer.AddrInfo, error) {
 	r := d.Resolver
 	if r == nil {
@@ -96,7 +101,7 @@ func askPeers(ctx context.Context, client *http.Client, ips []net.IP, port int) 
 		}
 		var info Info
 		err = json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 64<<10)).Decode(&info)
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		if err != nil || info.ID.Validate() != nil {
 			continue
 		}

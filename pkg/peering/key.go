@@ -23,7 +23,7 @@ func LoadPSK(path string) (pnet.PSK, error) {
 	if err != nil {
 		return nil, fmt.Errorf("peering key: %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	psk, err := pnet.DecodeV1PSK(f)
 	if err != nil {
 		return nil, fmt.Errorf("peering key %s: %w", path, err)

@@ -26,8 +26,10 @@ type EndpointSliceLister interface {
 	EndpointSlices(ctx context.Context, namespace, selector string) (*discoveryv1.EndpointSliceList, error)
 }
 
+// Name labels the discovery in logs.
 func (k KubernetesPeers) Name() string { return "kubernetes " + k.Namespace + "/" + k.Service }
 
+// Discover lists the Service's ready endpoints and asks each for its peer ID.
 func (k KubernetesPeers) Discover(ctx context.Context) ([]peer.AddrInfo, error) {
 	portName := k.PortName
 	if portName == "" {

@@ -166,8 +166,7 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		dht.BootstrapPeers(bootstrap...),
 	)
 	if err != nil {
-		h.Close()
-		return nil, fmt.Errorf("peering: start DHT: %w", err)
+		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close())
 	}
 	n := &Node{
 		opts:    opts,
@@ -180,8 +179,8 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		queue:   make(chan digest.Digest, 1024),
 	}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	h.SetStreamHandler(blobProtocol, n.serveBlob)
-	h.SetStreamHandler(tagProtocol, n.serveTag)
+	h.SetStreamHandler(blobProtocol, n.serve(n.serveBlob))
+	h.SetStreamHandler(tagProtocol, n.serve(n.serveTag))
 	n.discover = append([]Discoverer{StaticPeers(bootstrap)}, opts.Discover...)
 	n.join(ctx)
 	if err := kad.Bootstrap(ctx); err != nil {
@@ -306,7 +305,7 @@ func (n *Node) reprovideLoop() {
 		case <-tick.C:
 		}
 		// Blobs evicted since the last round are not in the walk: their records expire.
-		n.opts.Store.Walk(func(info content.Info) error {
+		err := n.opts.Store.Walk(func(info content.Info) error {
 			select {
 			case n.queue <- info.Digest:
 				return nil
@@ -314,6 +313,9 @@ func (n *Node) reprovideLoop() {
 				return n.ctx.Err()
 			}
 		})
+		if err != nil && n.ctx.Err() == nil {
+			n.log.Warn("reprovide: walk the content store", "err", err)
+		}
 	}
 }
 
@@ -424,5 +426,3 @@ func addrInfos(addrs []string) ([]peer.AddrInfo, error) {
 	}
 	return out, nil
 }
-
-var _ network.StreamHandler = (*Node)(nil).serveBlob

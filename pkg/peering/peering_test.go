@@ -87,7 +87,9 @@ func TestLoadPSK(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := filepath.Join(dir, "swarm.key")
-	os.WriteFile(good, key, 0o600)
+	if err := os.WriteFile(good, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if psk, err := LoadPSK(good); err != nil || len(psk) != 32 {
 		t.Fatalf("LoadPSK(EncodePSK()) = %d bytes, %v", len(psk), err)
 	}
@@ -98,7 +100,9 @@ func TestLoadPSK(t *testing.T) {
 		"bad codec": "/key/swarm/psk/1.0.0/\n/rot13/\n" + strings.Repeat("ab", 32) + "\n",
 	} {
 		p := filepath.Join(dir, strings.ReplaceAll(name, " ", "-"))
-		os.WriteFile(p, []byte(body), 0o600)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := LoadPSK(p); err == nil {
 			t.Errorf("%s key accepted", name)
 		}
@@ -124,7 +128,9 @@ func TestNodesAgreeOnTheLeader(t *testing.T) {
 	for _, a := range nodes {
 		for _, b := range nodes {
 			if a != b {
-				a.Connect(context.Background(), b.Addrs()[0])
+				if err := a.Connect(context.Background(), b.Addrs()[0]); err != nil {
+					t.Fatalf("connect: %v", err)
+				}
 			}
 		}
 	}
@@ -194,12 +200,22 @@ func TestPeerSourceVerifiesSmallObjectsAndMarksLargeOnesUntrusted(t *testing.T) 
 			t.Fatal(err)
 		}
 		c, _ := DigestCID(d)
-		n1.dht.Provide(context.Background(), c, true)
-		f, _, _ := n1.opts.Store.Open(d)
+		if err := n1.dht.Provide(context.Background(), c, true); err != nil {
+			t.Fatalf("provide: %v", err)
+		}
+		f, _, err := n1.opts.Store.Open(d)
+		if err != nil {
+			t.Fatal(err)
+		}
 		path := f.Name()
 		f.Close()
-		rot, _ := os.OpenFile(path, os.O_RDWR, 0)
-		rot.WriteAt([]byte("rot"), 100)
+		rot, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := rot.WriteAt([]byte("rot"), 100); err != nil {
+			t.Fatal(err)
+		}
 		rot.Close()
 
 		obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}

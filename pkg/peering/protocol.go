@@ -75,27 +75,52 @@ func writeLine(w io.Writer, v any) error {
 	return err
 }
 
-func (n *Node) serveBlob(s network.Stream) {
-	defer s.Close()
-	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+// serve turns a stream handler that returns an error into a network.StreamHandler: a stream whose
+// handler failed is reset, so that the peer sees a broken stream rather than a short answer, and one
+// that was served is closed.
+func (n *Node) serve(handle func(network.Stream) error) network.StreamHandler {
+	return func(s network.Stream) {
+		if err := handle(s); err != nil {
+			n.log.Debug("peer stream failed", "protocol", s.Protocol(), "peer", s.Conn().RemotePeer(), "err", err)
+			_ = s.Reset() // the stream is unusable either way
+			return
+		}
+		if err := s.Close(); err != nil {
+			n.log.Debug("close peer stream", "protocol", s.Protocol(), "peer", s.Conn().RemotePeer(), "err", err)
+		}
+	}
+}
+
+// refuse answers a request with an error line. The request failed either way: the error of the
+// write only says the peer is gone too.
+func refuse(s network.Stream, ans any) error {
+	if err := writeLine(s, ans); err != nil {
+		return fmt.Errorf("answer: %w", err)
+	}
+	return nil
+}
+
+func (n *Node) serveBlob(s network.Stream) error {
+	if err := s.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		return err
+	}
 	var req blobRequest
 	if err := readLine(s, &req); err != nil || req.Digest.Validate() != nil || req.Offset < 0 {
-		writeLine(s, blobAnswer{Error: "bad request"})
-		return
+		return refuse(s, blobAnswer{Error: "bad request"})
 	}
-	s.SetReadDeadline(time.Time{})
+	if err := s.SetReadDeadline(time.Time{}); err != nil {
+		return err
+	}
 	rd, err := n.blobReader(req)
 	if err != nil {
-		writeLine(s, blobAnswer{Error: err.Error()})
-		return
+		return refuse(s, blobAnswer{Error: err.Error()})
 	}
-	defer rd.Close()
+	defer func() { _ = rd.Close() }() // a reader's Close only releases it
 	if req.Offset > rd.Size() {
-		writeLine(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
-		return
+		return refuse(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
 	}
 	if err := writeLine(s, blobAnswer{Size: rd.Size()}); err != nil || req.Stat {
-		return
+		return err
 	}
 	// A blob still arriving is sent as it arrives; a reader that fails (the blob did not verify)
 	// resets the stream, so that the peer never takes a short blob for a whole one.
@@ -104,8 +129,9 @@ func (n *Node) serveBlob(s network.Stream) {
 	sent, err := io.CopyBuffer(s, io.NewSectionReader(rd, req.Offset, rd.Size()-req.Offset), *buf)
 	n.metrics.servedBytes.Add(float64(sent))
 	if err != nil {
-		s.Reset()
+		return fmt.Errorf("send %s: %w", req.Digest, err)
 	}
+	return nil
 }
 
 // blobReader finds what a peer asked for: in the store, in flight, or, if asked and allowed, fetched
@@ -127,11 +153,11 @@ func (n *Node) blobReader(req blobRequest) (*content.Reader, error) {
 	rd, err = n.opts.FetchThrough(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: req.Digest})
 	if err != nil {
 		n.log.Debug("fetch for a peer failed", "digest", req.Digest, "repo", req.Repo, "err", err)
-		return nil, fmt.Errorf("fetch through: %v", err)
+		return nil, fmt.Errorf("fetch through: %w", err)
 	}
 	n.metrics.fetchThrough.Inc()
 	// The fetch was started for the peer; its own reader verifies. Serve the peer's view of it.
-	rd.Close()
+	_ = rd.Close() // a reader's Close only releases it
 	return n.opts.Store.Reader(ctx, req.Digest)
 }
 
@@ -141,25 +167,23 @@ const errNotHere = "not found"
 // and the private network's cipher in few, large frames.
 var sendBuffers = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 
-func (n *Node) serveTag(s network.Stream) {
-	defer s.Close()
-	s.SetDeadline(time.Now().Add(10 * time.Second))
+func (n *Node) serveTag(s network.Stream) error {
+	if err := s.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		return err
+	}
 	var req tagRequest
 	if err := readLine(s, &req); err != nil {
-		writeLine(s, tagAnswer{Error: "bad request"})
-		return
+		return refuse(s, tagAnswer{Error: "bad request"})
 	}
 	repo, err := reference.ParseNamed(req.Repo)
 	if err != nil || !reference.TagRegexp.MatchString(req.Tag) || n.opts.CachedTag == nil {
-		writeLine(s, tagAnswer{Error: "bad request"})
-		return
+		return refuse(s, tagAnswer{Error: "bad request"})
 	}
 	desc, resolved, ok := n.opts.CachedTag(repo, req.Tag)
 	if !ok {
-		writeLine(s, tagAnswer{Error: errNotHere})
-		return
+		return refuse(s, tagAnswer{Error: errNotHere})
 	}
-	writeLine(s, tagAnswer{Descriptor: desc, Resolved: resolved})
+	return writeLine(s, tagAnswer{Descriptor: desc, Resolved: resolved})
 }
 
 // verifyLimit is the size up to which objects from peers are read whole and verified before they are
@@ -184,6 +208,7 @@ func (n *Node) Source() *Source {
 	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 8}
 }
 
+// Name labels the source in metrics and logs.
 func (s *Source) Name() string { return "peer" }
 
 // Resolve asks connected peers what they resolved the tag to, and takes the most recent answer.
@@ -208,9 +233,11 @@ func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) 
 				answers <- ans
 				return
 			}
-			defer st.Close()
-			st.SetDeadline(time.Now().Add(s.FindTimeout))
-			if err := writeLine(st, tagRequest{Repo: repo.Name(), Tag: tag}); err != nil {
+			defer func() { _ = st.Close() }() // the answer is read; nothing is left to flush
+			if err := st.SetDeadline(time.Now().Add(s.FindTimeout)); err != nil {
+				_ = st.Reset()
+				ans.Error = err.Error()
+			} else if err := writeLine(st, tagRequest{Repo: repo.Name(), Tag: tag}); err != nil {
 				ans.Error = err.Error()
 			} else if err := readLine(st, &ans); err != nil {
 				ans.Error = err.Error()
@@ -234,12 +261,13 @@ func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) 
 	return best.Descriptor, nil
 }
 
+// Stat asks the peers that announced the digest for its size.
 func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
 	c, err := s.open(ctx, obj, 0, true)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	c.Close()
+	_ = c.Close() // a stat's stream carries nothing more
 	return c.Descriptor, nil
 }
 
@@ -322,7 +350,7 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 	}
 	if c.Descriptor.Size > verifyLimit || offset > 0 {
 		if manifest {
-			c.Close()
+			_ = c.Close() // refused unread
 			n.reject(r.peer, r.obj.Digest, "oversized", nil)
 			return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
 		}
@@ -330,7 +358,7 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 		c.Reject = func(err error) { n.reject(r.peer, r.obj.Digest, "digest_mismatch", err) }
 		return c, nil
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }() // read whole below; nothing is left to flush
 	body, err := io.ReadAll(io.LimitReader(c, verifyLimit+1))
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
@@ -367,9 +395,12 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 	if req.Through {
 		wait = 40 * time.Second
 	}
-	st.SetDeadline(time.Now().Add(wait))
+	if err := st.SetDeadline(time.Now().Add(wait)); err != nil {
+		_ = st.Reset()
+		return nil, err
+	}
 	if err := writeLine(st, req); err != nil {
-		st.Reset()
+		_ = st.Reset()
 		return nil, err
 	}
 	br := bufio.NewReader(st)
@@ -385,11 +416,14 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 		err = fmt.Errorf("bad size %d", ans.Size)
 	}
 	if err != nil {
-		st.Reset()
+		_ = st.Reset()
 		return nil, err
 	}
 	// Stalls from here on are the content store's to detect: it cuts off a source that goes quiet.
-	st.SetDeadline(time.Time{})
+	if err := st.SetDeadline(time.Time{}); err != nil {
+		_ = st.Reset()
+		return nil, err
+	}
 	return &source.Content{
 		ReadCloser: &peerStream{Reader: br, s: st},
 		Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: ans.Size},
