@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -85,11 +86,11 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.StringVar(&cfg.Peering.KeyFile, "peer-key", cfg.Peering.KeyFile, "file with the cluster's pre-shared key (swarm.key format)")
 	f.BoolVar(&cfg.Peering.Open, "peer-open", cfg.Peering.Open, "peer without a key: any host that reaches --peer-listen can fetch from the cache")
 	f.StringArrayVar(&cfg.Peering.Bootstrap, "bootstrap", cfg.Peering.Bootstrap, "peer multiaddr ending in /p2p/<peer id> to join through (repeatable)")
-	f.StringArrayVar(&cfg.Peering.DNS, "bootstrap-dns", cfg.Peering.DNS, "HOST:PORT: find peers at the addresses of HOST (a headless Service), asking each agent's API on PORT for its peer ID (repeatable)")
+	f.Var(&hostPorts{list: &cfg.Peering.DNS}, "bootstrap-dns", "HOST:PORT: find peers at the addresses of HOST (a headless Service), asking each agent's API on PORT for its peer ID (repeatable)")
 	f.Var(kubernetesService{&cfg.Peering}, "bootstrap-service", "NAMESPACE/NAME: find peers through the EndpointSlices of the agents' Service (port \"api\")")
-	f.StringVar(&cfg.Cluster.ConfigMap, "cluster-config", cfg.Cluster.ConfigMap, "NAMESPACE/NAME of the ConfigMap the imagemesh controller publishes; the agent applies it to this node")
+	f.Var(&cfg.Cluster.ConfigMap, "cluster-config", "NAMESPACE/NAME of the ConfigMap the imagemesh controller publishes; the agent applies it to this node")
 	f.StringVar(&cfg.Cluster.NodeName, "node-name", cfg.Cluster.NodeName, "this node's name (default $NODE_NAME)")
-	f.StringVar(&cfg.Cluster.DaemonSet, "daemonset", cfg.Cluster.DaemonSet, "NAMESPACE/NAME of the agents' DaemonSet: on SIGTERM, hosts.toml files stay while it lives (rolling update) and go with it (uninstall)")
+	f.Var(&cfg.Cluster.DaemonSet, "daemonset", "NAMESPACE/NAME of the agents' DaemonSet: on SIGTERM, hosts.toml files stay while it lives (rolling update) and go with it (uninstall)")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", cfg.Kubeconfig, "kubeconfig outside the cluster (default: the pod's service account)")
 	f.BoolVar(&cfg.Peering.ResolveTags, "peer-resolve-tags", cfg.Peering.ResolveTags, "let peers answer tag lookups when the registry cannot")
 	f.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "debug, info, warn or error")
@@ -111,13 +112,51 @@ func (k kubernetesService) String() string {
 	if k.p == nil || k.p.Kubernetes == nil {
 		return ""
 	}
-	return k.p.Kubernetes.Service
+	return k.p.Kubernetes.Service.String()
 }
+
 func (k kubernetesService) Set(s string) error {
+	var svc agent.NamespacedName
+	if err := svc.Set(s); err != nil {
+		return err
+	}
 	if k.p.Kubernetes == nil {
 		k.p.Kubernetes = &agent.KubernetesDiscovery{}
 	}
-	k.p.Kubernetes.Service = s
+	k.p.Kubernetes.Service = svc
 	return nil
 }
+
 func (kubernetesService) Type() string { return "NAMESPACE/NAME" }
+
+// hostPorts is a repeatable HOST:PORT flag. Like pflag's string arrays, the first use replaces the
+// file's list and later uses add to it.
+type hostPorts struct {
+	list *[]agent.HostPort
+	set  bool
+}
+
+func (h *hostPorts) String() string {
+	if h.list == nil {
+		return ""
+	}
+	parts := make([]string, len(*h.list))
+	for i, hp := range *h.list {
+		parts[i] = hp.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (h *hostPorts) Set(s string) error {
+	var hp agent.HostPort
+	if err := hp.Set(s); err != nil {
+		return err
+	}
+	if !h.set {
+		*h.list, h.set = nil, true
+	}
+	*h.list = append(*h.list, hp)
+	return nil
+}
+
+func (*hostPorts) Type() string { return "HOST:PORT" }

@@ -2,29 +2,25 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
 
-	"github.com/distribution/reference"
-	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/imagemesh/imagemesh/internal/clustersync"
+	"github.com/imagemesh/imagemesh/internal/kubeclient"
 	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
@@ -51,24 +47,26 @@ func NewLogger(c LogConfig) *slog.Logger {
 }
 
 // Run runs the agent until ctx is done, then shuts down gracefully.
+//
+// The parts are built in the order their dependencies run: the store; the trusted sources; the
+// mirror over them; the peering node, which serves peers through the mirror and subscribes to the
+// store's events; then the mirror's source becomes peers first. Nothing refers back to something
+// built after it.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("invalid configuration:\n%w", err)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	// The store announces what it holds and what it is fetching through the peering node, which
-	// needs the store to start: the hooks find the node once it is there.
-	var node atomic.Pointer[peering.Node]
-	announce := func(d digest.Digest) {
-		if n := node.Load(); n != nil {
-			n.Announce(d)
-		}
+	// The ports are taken first: a port in use fails the start before anything else is done, and the
+	// mirror's URL (for hosts.toml) is known. Connections wait in the backlog until serving starts.
+	lns, err := listen(cfg)
+	if err != nil {
+		return err
 	}
+	defer lns.close()
+
 	store, err := content.Open(filepath.Join(cfg.DataDir, "content"), content.Options{
-		OnCommit:      announce,
-		OnFetch:       announce,
 		MaxBytes:      int64(cfg.Cache.MaxBytes),
 		HighWatermark: cfg.Cache.HighWatermark,
 		LowWatermark:  cfg.Cache.LowWatermark,
@@ -78,74 +76,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer closeLogged(log, "content store", store)
 
-	endpoints, err := endpoints(cfg.Upstreams)
+	src, err := newSources(cfg, reg, log)
 	if err != nil {
 		return err
 	}
-	upstream, err := source.NewRegistry(source.RegistryOptions{
-		Endpoints:  endpoints,
-		Registerer: reg,
-		Logger:     log.With("component", "upstream"),
-		UserAgent:  "imagemesh-node-agent/" + Version,
-	})
-	if err != nil {
-		return err
-	}
-	// The registries' decentralized sources (IPFS roots) are asked before the registry for content;
-	// for tags, after it: a published root can be older than the registry, and is the fallback when
-	// the registry is down or absent.
-	decentralized := source.NewByRegistry()
-	static, err := decentralizedSources(cfg.Upstreams)
-	if err != nil {
-		return err
-	}
-	decentralized.Set(static)
-	trusted := source.NewChain(
-		source.Link{Source: decentralized, TagFallback: true},
-		source.Link{Source: upstream, ResolveTags: true},
-	)
-	chain := trusted
-	var m *mirror.Mirror
-	var cs *clusterSync
-	if cfg.Cluster.ConfigMap != "" {
-		client, err := connectKubernetes(cfg.Kubeconfig)
-		if err != nil {
-			return fmt.Errorf("cluster configuration: %w", err)
-		}
-		ns, name, _ := strings.Cut(cfg.Cluster.ConfigMap, "/")
-		cs = &clusterSync{
-			client: client, namespace: ns, configMap: name, node: cfg.Cluster.NodeName, daemonSet: cfg.Cluster.DaemonSet,
-			hostsDir: cfg.HostConfig.Dir, staticHosts: cfg.HostConfig.Registries, staticRegistries: cfg.Registries,
-			upstream: upstream, mirror: func() *mirror.Mirror { return m },
-			decentralized: decentralized, staticSources: static,
-			log: log.With("component", "cluster"), prefetched: map[string]bool{},
-		}
-		cs.registries, cs.syncs = newClusterMetrics(reg)
-	}
-	if cfg.Peering.Enabled() {
-		n, err := startPeering(ctx, cfg, store, reg, log.With("component", "peering"), trusted, func() *mirror.Mirror { return m })
-		if err != nil {
-			return err
-		}
-		defer n.Close()
-		node.Store(n)
-		// Peers first for content; for tags, only after the registry, and only if allowed: by the
-		// agent's configuration, or by the ImageSource of the registry.
-		peers := n.Source()
-		if cs != nil && !cfg.Peering.ResolveTags {
-			peers.TagsAllowed = cs.peersMayResolve
-		}
-		chain = source.NewChain(
-			source.Link{Source: peers, TagFallback: cfg.Peering.ResolveTags || cs != nil},
-			source.Link{Source: decentralized, TagFallback: true},
-			source.Link{Source: upstream, ResolveTags: true},
-		)
-	}
-	m, err = mirror.New(mirror.Options{
+	m, err := mirror.New(mirror.Options{
 		Store:           store,
-		Source:          chain,
+		Source:          src.trusted,
 		DefaultRegistry: cfg.DefaultRegistry,
 		Registries:      cfg.Registries,
 		TagTTL:          time.Duration(cfg.TagTTL),
@@ -156,90 +95,62 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if cs != nil {
+
+	var cs *clustersync.Sync
+	if !cfg.Cluster.ConfigMap.IsZero() {
+		if cs, err = newClusterSync(cfg, lns.mirrorURL, m, src, reg, log.With("component", "cluster")); err != nil {
+			return err
+		}
 		// Until the cluster's configuration is applied, only what the agent's own configuration names.
-		m.SetRegistries(append(append([]string{}, cfg.Registries...), cfg.HostConfig.Registries...))
+		m.SetRegistries(append(slices.Clone(cfg.Registries), cfg.HostConfig.Registries...))
 	}
 
-	// Listen before writing hosts.toml, so that containerd is never pointed at a port nobody holds.
-	apiLn, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
-	var ready atomic.Bool
-	api := http.NewServeMux()
-	api.Handle("/v2/", m)
-	api.Handle("/v2", m)
-	if n := node.Load(); n != nil {
-		api.Handle(peering.InfoPath, n.InfoHandler())
-	}
-	ops := api
-	var metricsLn net.Listener
-	if cfg.MetricsListen != "" {
-		if metricsLn, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
-			apiLn.Close()
-			return fmt.Errorf("listen %s: %w", cfg.MetricsListen, err)
+	var node *peering.Node
+	if cfg.Peering.Enabled() {
+		// Peers that ask this node to lead a fetch get it from the trusted sources only, so that no
+		// request goes round the cluster.
+		fetchThrough := func(ctx context.Context, obj source.Object) (*content.Reader, error) {
+			return m.FetchBlob(ctx, obj, src.trusted)
 		}
-		ops = http.NewServeMux()
-	}
-	ops.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	ops.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
-	ops.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready.Load() {
-			http.Error(w, "not ready\n", http.StatusServiceUnavailable)
-			return
+		if node, err = startPeering(ctx, cfg, store, fetchThrough, m.CachedTag, reg, log.With("component", "peering")); err != nil {
+			return err
 		}
-		w.Write([]byte("ok\n"))
-	})
-	if ops != api {
-		// The health endpoints answer on the API address too: that is what a hosts.toml user can see.
-		api.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+		defer closeLogged(log, "peering node", node)
+		// Peers first for content; for tags, only after the registry, and only if allowed: by the
+		// agent's configuration, or by the ImageSource of the registry.
+		peers := node.Source()
+		if cs != nil && !cfg.Peering.ResolveTags {
+			peers.TagsAllowed = cs.PeersMayResolve
+		}
+		m.SetSource(source.NewChain(
+			source.Link{Source: peers, TagFallback: cfg.Peering.ResolveTags || cs != nil},
+			source.Link{Source: src.decentralized, TagFallback: true},
+			source.Link{Source: src.upstream, ResolveTags: true},
+		))
 	}
 
+	// The port is held, so containerd is never pointed at a port nobody holds.
 	if cfg.HostConfig.Dir != "" && len(cfg.HostConfig.Registries) > 0 {
-		if err := applyHostConfig(cfg, apiLn.Addr().String(), log); err != nil {
-			apiLn.Close()
-			if metricsLn != nil {
-				metricsLn.Close()
-			}
+		if err := applyHostConfig(cfg, lns.mirrorURL, log); err != nil {
 			return err
 		}
 	}
 
-	if cs != nil {
-		cs.mirrorURL = cfg.HostConfig.MirrorURL
-		if cs.mirrorURL == "" {
-			cs.mirrorURL = "http://" + apiLn.Addr().String()
-		}
-	}
-
-	servers := []*http.Server{newServer(api, log)}
-	listeners := []net.Listener{apiLn}
-	if metricsLn != nil {
-		servers = append(servers, newServer(ops, log))
-		listeners = append(listeners, metricsLn)
-	}
+	var ready atomic.Bool
+	servers := lns.servers(m, node, reg, &ready, log)
 	g, gctx := errgroup.WithContext(ctx)
-	for i := range servers {
-		srv, ln := servers[i], listeners[i]
-		g.Go(func() error {
-			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("serve %s: %w", ln.Addr(), err)
-			}
-			return nil
-		})
-	}
+	servers.serve(g)
 	if cs != nil {
-		g.Go(func() error { return cs.run(gctx) })
+		g.Go(func() error { return cs.Run(gctx) })
 	}
 	ready.Store(true)
-	attrs := []any{"version", Version, "listen", apiLn.Addr().String(), "dataDir", cfg.DataDir,
+	attrs := []any{"version", Version, "listen", lns.api.Addr().String(), "dataDir", cfg.DataDir,
 		"cacheMaxBytes", int64(cfg.Cache.MaxBytes), "defaultRegistry", cfg.DefaultRegistry, "upstreams", upstreamSummary(cfg.Upstreams)}
-	if metricsLn != nil {
-		attrs = append(attrs, "metricsListen", metricsLn.Addr().String())
+	if lns.ops != nil {
+		attrs = append(attrs, "metricsListen", lns.ops.Addr().String())
 	}
-	if n := node.Load(); n != nil {
-		attrs = append(attrs, "peerID", n.ID().String(), "peerAddrs", n.Addrs())
+	if node != nil {
+		attrs = append(attrs, "peerID", node.ID().String(), "peerAddrs", node.Addrs())
 	}
 	log.Info("node agent serving", attrs...)
 
@@ -249,34 +160,88 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("shutting down; waiting for transfers under way", "timeout", time.Duration(cfg.ShutdownTimeout).String())
 		sctx, cancel := context.WithTimeout(context.Background(), time.Duration(cfg.ShutdownTimeout))
 		defer cancel()
-		var errs []error
-		for _, srv := range servers {
-			if err := srv.Shutdown(sctx); err != nil {
-				errs = append(errs, err)
-				srv.Close()
-			}
-		}
-		return errors.Join(errs...)
+		return servers.shutdown(sctx)
 	})
 	err = g.Wait()
 	if cs != nil {
-		cs.cleanup(context.Background())
+		cs.Cleanup(context.Background())
 	}
-	if n := node.Load(); n != nil {
-		n.Close()
-	}
-	store.Close()
 	log.Info("node agent stopped")
 	return err
 }
 
-func newServer(h http.Handler, log *slog.Logger) *http.Server {
-	return &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		// No WriteTimeout: a layer of several GiB to a slow node is a legitimate, long answer.
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+// sources are the agent's sources besides the peers: the registries, and the registries'
+// decentralized sources (Storj buckets, IPFS roots).
+type sources struct {
+	upstream      *source.Registry
+	decentralized *source.ByRegistry
+	static        map[string][]source.Source // the decentralized sources of the agent's own configuration
+	// trusted is decentralized then upstream: the decentralized sources are asked before the registry
+	// for content; for tags, after it: a published root can be older than the registry, and is the
+	// fallback when the registry is down or absent.
+	trusted source.Source
+}
+
+func newSources(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*sources, error) {
+	endpoints, err := endpoints(cfg.Upstreams)
+	if err != nil {
+		return nil, err
+	}
+	upstream, err := source.NewRegistry(source.RegistryOptions{
+		Endpoints:  endpoints,
+		Registerer: reg,
+		Logger:     log.With("component", "upstream"),
+		UserAgent:  "imagemesh-node-agent/" + Version,
+	})
+	if err != nil {
+		return nil, err
+	}
+	static, err := decentralizedSources(cfg.Upstreams)
+	if err != nil {
+		return nil, err
+	}
+	decentralized := source.NewByRegistry()
+	decentralized.Set(static)
+	return &sources{
+		upstream:      upstream,
+		decentralized: decentralized,
+		static:        static,
+		trusted: source.NewChain(
+			source.Link{Source: decentralized, TagFallback: true},
+			source.Link{Source: upstream, ResolveTags: true},
+		),
+	}, nil
+}
+
+func newClusterSync(cfg Config, mirrorURL string, m *mirror.Mirror, src *sources, reg prometheus.Registerer, log *slog.Logger) (*clustersync.Sync, error) {
+	client, err := connectKubernetes(cfg.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("cluster configuration: %w", err)
+	}
+	return clustersync.New(clustersync.Options{
+		Client:           client,
+		ConfigMap:        cfg.Cluster.ConfigMap.NamespacedName,
+		Node:             cfg.Cluster.NodeName,
+		DaemonSet:        cfg.Cluster.DaemonSet.NamespacedName,
+		HostsDir:         cfg.HostConfig.Dir,
+		MirrorURL:        mirrorURL,
+		StaticHosts:      cfg.HostConfig.Registries,
+		StaticRegistries: cfg.Registries,
+		StaticSources:    src.static,
+		Upstream:         src.upstream,
+		Decentralized:    src.decentralized,
+		Mirror:           m,
+		NewSource:        newSource,
+		Registerer:       reg,
+		Logger:           log,
+	})
+}
+
+// closeLogged closes c at the end of Run; a failure is logged, as Run's own error is the one that
+// says why it stopped.
+func closeLogged(log *slog.Logger, what string, c io.Closer) {
+	if err := c.Close(); err != nil {
+		log.Warn("close "+what, "err", err)
 	}
 }
 
@@ -316,11 +281,7 @@ func upstreamSummary(ups []Upstream) string {
 	return strings.Join(parts, ", ")
 }
 
-func applyHostConfig(cfg Config, listenAddr string, log *slog.Logger) error {
-	mirrorURL := cfg.HostConfig.MirrorURL
-	if mirrorURL == "" {
-		mirrorURL = "http://" + listenAddr
-	}
+func applyHostConfig(cfg Config, mirrorURL string, log *slog.Logger) error {
 	servers := map[string]string{}
 	for _, u := range cfg.Upstreams {
 		servers[u.Host] = strings.TrimSuffix(u.Endpoint, "/")
@@ -339,10 +300,9 @@ func applyHostConfig(cfg Config, listenAddr string, log *slog.Logger) error {
 	return nil
 }
 
-// startPeering starts the node's libp2p host. Peers that ask this node to lead a fetch get it from the
-// trusted sources only, so that no request goes round the cluster.
-func startPeering(ctx context.Context, cfg Config, store *content.Store, reg prometheus.Registerer, log *slog.Logger,
-	trusted source.Source, mirrorOf func() *mirror.Mirror) (*peering.Node, error) {
+// startPeering starts the node's libp2p host.
+func startPeering(ctx context.Context, cfg Config, store *content.Store, fetchThrough peering.FetchThroughFunc,
+	cachedTag peering.CachedTagFunc, reg prometheus.Registerer, log *slog.Logger) (*peering.Node, error) {
 	p := cfg.Peering
 	opts := peering.Options{
 		ListenAddrs:       p.Listen,
@@ -354,19 +314,8 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 		ProvideRate:       p.ProvideRate,
 		Registerer:        reg,
 		Logger:            log,
-		FetchThrough: func(ctx context.Context, obj source.Object) (*content.Reader, error) {
-			m := mirrorOf()
-			if m == nil {
-				return nil, errors.New("starting")
-			}
-			return m.FetchBlob(ctx, obj, trusted)
-		},
-		CachedTag: func(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool) {
-			if m := mirrorOf(); m != nil {
-				return m.CachedTag(repo, tag)
-			}
-			return ocispec.Descriptor{}, time.Time{}, false
-		},
+		FetchThrough:      fetchThrough,
+		CachedTag:         cachedTag,
 	}
 	if p.KeyFile != "" {
 		psk, err := peering.LoadPSK(p.KeyFile)
@@ -376,32 +325,21 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, reg pro
 		opts.PSK = psk
 	}
 	if k := p.Kubernetes; k != nil {
-		d, err := kubernetesPeers(k, cfg.Kubeconfig)
+		client, err := connectKubernetes(cfg.Kubeconfig)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("peering through Kubernetes: %w", err)
 		}
-		opts.Discover = append(opts.Discover, d)
+		opts.Discover = append(opts.Discover, peering.KubernetesPeers{Client: client, Namespace: k.Service.Namespace, Service: k.Service.Name, PortName: k.PortName})
 	}
 	for _, d := range p.DNS {
-		host, port, _ := net.SplitHostPort(d)
-		n, _ := strconv.Atoi(port)
-		opts.Discover = append(opts.Discover, peering.DNSPeers{Host: host, Port: n})
+		opts.Discover = append(opts.Discover, peering.DNSPeers{Host: d.Host, Port: d.Port})
 	}
 	return peering.New(ctx, opts)
 }
 
-func kubernetesPeers(k *KubernetesDiscovery, kubeconfig string) (peering.KubernetesPeers, error) {
-	client, err := connectKubernetes(kubeconfig)
-	if err != nil {
-		return peering.KubernetesPeers{}, fmt.Errorf("peering through Kubernetes: %w", err)
-	}
-	ns, name, _ := strings.Cut(k.Service, "/")
-	return peering.KubernetesPeers{Client: client, Namespace: ns, Service: name, PortName: k.PortName}, nil
-}
-
 // connectKubernetes connects to the API server: with kubeconfig outside the cluster, with the pod's
 // service account inside.
-func connectKubernetes(kubeconfig string) (*kubeClient, error) {
+func connectKubernetes(kubeconfig string) (*kubeclient.Client, error) {
 	var rc *rest.Config
 	var err error
 	if kubeconfig != "" {
@@ -413,7 +351,7 @@ func connectKubernetes(kubeconfig string) (*kubeClient, error) {
 		return nil, err
 	}
 	rc.UserAgent = "imagemesh-node-agent/" + Version
-	return newKubeClient(rc)
+	return kubeclient.New(rc)
 }
 
 // decentralizedSources builds the sources the configuration names for each registry.

@@ -15,9 +15,13 @@ import (
 	"time"
 
 	"github.com/docker/go-units"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 
+	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
@@ -98,7 +102,7 @@ type PeeringConfig struct {
 	Bootstrap []string `json:"bootstrap,omitempty"`
 	// DNS is a name with one address per agent (a headless Service), as HOST:PORT where PORT is the
 	// agents' HTTP API port, which tells each agent's peer ID.
-	DNS []string `json:"dns,omitempty"`
+	DNS []HostPort `json:"dns,omitempty"`
 	// Kubernetes finds peers through the EndpointSlices of the agents' Service.
 	Kubernetes *KubernetesDiscovery `json:"kubernetes,omitempty"`
 	// ResolveTags lets peers answer tag lookups when the registry cannot. Digests verify themselves,
@@ -114,7 +118,7 @@ type PeeringConfig struct {
 // endpointslices.discovery.k8s.io in its namespace) and asks each ready endpoint for its peer ID.
 type KubernetesDiscovery struct {
 	// Service is NAMESPACE/NAME.
-	Service string `json:"service"`
+	Service NamespacedName `json:"service"`
 	// PortName is the Service port of the agents' API. Default "api".
 	PortName string `json:"portName,omitempty"`
 }
@@ -123,14 +127,14 @@ type KubernetesDiscovery struct {
 // ImageSources, and which node it runs on.
 type ClusterConfig struct {
 	// ConfigMap is NAMESPACE/NAME; empty runs the agent standalone.
-	ConfigMap string `json:"configMap,omitempty"`
+	ConfigMap NamespacedName `json:"configMap,omitzero"`
 	// NodeName is the agent's node (the downward API's spec.nodeName).
 	NodeName string `json:"nodeName,omitempty"`
 	// DaemonSet is NAMESPACE/NAME of the agents' DaemonSet. On SIGTERM the agent keeps its hosts.toml
 	// files while the DaemonSet lives (a rolling update, a drain: containerd falls back to the
 	// registries until the next agent starts) and removes them once it is gone (uninstall). Empty
 	// removes them on every stop.
-	DaemonSet string `json:"daemonSet,omitempty"`
+	DaemonSet NamespacedName `json:"daemonSet,omitzero"`
 }
 
 // Enabled says whether the agent peers.
@@ -147,9 +151,9 @@ func Default() Config {
 	return Config{
 		Listen:          "127.0.0.1:5000",
 		DataDir:         defaultDataDir(),
-		Cache:           CacheConfig{HighWatermark: 0.9, LowWatermark: 0.8},
-		DefaultRegistry: "docker.io",
-		TagTTL:          Duration(30 * time.Second),
+		Cache:           CacheConfig{HighWatermark: content.DefaultHighWatermark, LowWatermark: content.DefaultLowWatermark},
+		DefaultRegistry: mirror.DefaultRegistry,
+		TagTTL:          Duration(mirror.DefaultTagTTL),
 		Log:             LogConfig{Level: "info", Format: "text"},
 		ShutdownTimeout: Duration(30 * time.Second),
 		Cluster:         ClusterConfig{NodeName: os.Getenv("NODE_NAME")},
@@ -223,18 +227,11 @@ func (c *Config) Validate() error {
 		}
 	}
 	errs = append(errs, c.Peering.validate()...)
-	if c.Cluster.ConfigMap != "" {
-		if ns, name, ok := strings.Cut(c.Cluster.ConfigMap, "/"); !ok || ns == "" || name == "" {
-			errs = append(errs, fmt.Errorf("cluster.configMap %q: want NAMESPACE/NAME", c.Cluster.ConfigMap))
-		}
+	if !c.Cluster.ConfigMap.IsZero() && c.Cluster.NodeName == "" {
+		errs = append(errs, errors.New("cluster.nodeName (--node-name, $NODE_NAME) is required with cluster.configMap"))
 	}
-	if c.Cluster.DaemonSet != "" {
-		if ns, name, ok := strings.Cut(c.Cluster.DaemonSet, "/"); !ok || ns == "" || name == "" {
-			errs = append(errs, fmt.Errorf("cluster.daemonSet %q: want NAMESPACE/NAME", c.Cluster.DaemonSet))
-		}
-		if c.Cluster.NodeName == "" {
-			errs = append(errs, errors.New("cluster.nodeName (--node-name, $NODE_NAME) is required with cluster.configMap"))
-		}
+	if !c.Cluster.DaemonSet.IsZero() && c.Cluster.ConfigMap.IsZero() {
+		errs = append(errs, errors.New("cluster.daemonSet needs cluster.configMap: it says when to keep the hosts.toml the cluster's configuration wrote"))
 	}
 	if c.TagTTL < 0 {
 		errs = append(errs, errors.New("tagTTL must not be negative"))
@@ -282,9 +279,94 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// NamespacedName is a Kubernetes object's NAMESPACE/NAME, parsed when it is read (from the file or
+// a flag), so that a malformed one is an error there and nowhere else.
+type NamespacedName struct{ types.NamespacedName }
+
+// IsZero says whether no name was given.
+func (n NamespacedName) IsZero() bool { return n.Name == "" && n.Namespace == "" }
+
+// Set parses NAMESPACE/NAME.
+func (n *NamespacedName) Set(s string) error {
+	ns, name, ok := strings.Cut(s, "/")
+	if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+		return fmt.Errorf("%q: want NAMESPACE/NAME", s)
+	}
+	for _, part := range []string{ns, name} {
+		if errs := validation.IsDNS1123Subdomain(part); len(errs) > 0 {
+			return fmt.Errorf("%q: %s", s, strings.Join(errs, "; "))
+		}
+	}
+	n.NamespacedName = types.NamespacedName{Namespace: ns, Name: name}
+	return nil
+}
+
+// String is NAMESPACE/NAME, or empty.
+func (n NamespacedName) String() string {
+	if n.IsZero() {
+		return ""
+	}
+	return n.NamespacedName.String()
+}
+
+// Type names the flag's value in help.
+func (n *NamespacedName) Type() string { return "NAMESPACE/NAME" }
+
+// UnmarshalJSON reads NAMESPACE/NAME from a string.
+func (n *NamespacedName) UnmarshalJSON(data []byte) error {
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		return errors.New("want a string NAMESPACE/NAME")
+	}
+	if s == "" {
+		*n = NamespacedName{}
+		return nil
+	}
+	return n.Set(s)
+}
+
+// MarshalJSON writes NAMESPACE/NAME.
+func (n NamespacedName) MarshalJSON() ([]byte, error) { return json.Marshal(n.String()) }
+
+// HostPort is a HOST:PORT with a port in 1..65535, parsed when it is read.
+type HostPort struct {
+	Host string
+	Port int
+}
+
+// Set parses HOST:PORT.
+func (h *HostPort) Set(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q: want HOST:PORT: %w", s, err)
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n <= 0 || n > 65535 || host == "" {
+		return fmt.Errorf("%q: want HOST:PORT with a port from 1 to 65535", s)
+	}
+	*h = HostPort{Host: host, Port: n}
+	return nil
+}
+
+// String is HOST:PORT.
+func (h HostPort) String() string { return net.JoinHostPort(h.Host, strconv.Itoa(h.Port)) }
+
+// UnmarshalJSON reads HOST:PORT from a string.
+func (h *HostPort) UnmarshalJSON(data []byte) error {
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		return errors.New("want a string HOST:PORT")
+	}
+	return h.Set(s)
+}
+
+// MarshalJSON writes HOST:PORT.
+func (h HostPort) MarshalJSON() ([]byte, error) { return json.Marshal(h.String()) }
+
 // ByteSize is a size in bytes that reads from a number or a string such as 512MiB or 20GB.
 type ByteSize int64
 
+// UnmarshalJSON reads a number of bytes or a string such as 20GiB.
 func (b *ByteSize) UnmarshalJSON(data []byte) error {
 	var n int64
 	if err := json.Unmarshal(data, &n); err == nil {
@@ -298,6 +380,7 @@ func (b *ByteSize) UnmarshalJSON(data []byte) error {
 	return b.Set(s)
 }
 
+// MarshalJSON writes the number of bytes.
 func (b ByteSize) MarshalJSON() ([]byte, error) { return json.Marshal(int64(b)) }
 
 // Set parses a size; binary and decimal units are both taken as their names say.
@@ -322,12 +405,16 @@ func (b *ByteSize) Set(s string) error {
 	return nil
 }
 
+// String is the size in binary units, e.g. 20GiB.
 func (b *ByteSize) String() string { return units.BytesSize(float64(*b)) }
-func (b *ByteSize) Type() string   { return "size" }
+
+// Type names the flag's value in help.
+func (b *ByteSize) Type() string { return "size" }
 
 // Duration is a time.Duration that reads from strings such as 30s or 5m.
 type Duration time.Duration
 
+// UnmarshalJSON reads a string such as 30s.
 func (d *Duration) UnmarshalJSON(data []byte) error {
 	var s string
 	if err := json.Unmarshal(data, &s); err != nil {
@@ -336,8 +423,10 @@ func (d *Duration) UnmarshalJSON(data []byte) error {
 	return d.Set(s)
 }
 
+// MarshalJSON writes the duration as Go writes it, e.g. 30s.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
+// Set parses a duration such as 30s or 5m.
 func (d *Duration) Set(s string) error {
 	v, err := time.ParseDuration(s)
 	if err != nil {
@@ -347,8 +436,11 @@ func (d *Duration) Set(s string) error {
 	return nil
 }
 
+// String is the duration as Go writes it.
 func (d *Duration) String() string { return time.Duration(*d).String() }
-func (d *Duration) Type() string   { return "duration" }
+
+// Type names the flag's value in help.
+func (d *Duration) Type() string { return "duration" }
 
 func (p PeeringConfig) validate() []error {
 	if !p.Enabled() {
@@ -364,17 +456,8 @@ func (p PeeringConfig) validate() []error {
 	case p.KeyFile != "" && p.Open:
 		errs = append(errs, errors.New("peering: keyFile and open exclude each other"))
 	}
-	for _, d := range p.DNS {
-		if _, port, err := net.SplitHostPort(d); err != nil {
-			errs = append(errs, fmt.Errorf("peering.dns %q: want HOST:PORT: %w", d, err))
-		} else if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
-			errs = append(errs, fmt.Errorf("peering.dns %q: bad port", d))
-		}
-	}
-	if k := p.Kubernetes; k != nil {
-		if ns, name, ok := strings.Cut(k.Service, "/"); !ok || ns == "" || name == "" {
-			errs = append(errs, fmt.Errorf("peering.kubernetes.service %q: want NAMESPACE/NAME", k.Service))
-		}
+	if k := p.Kubernetes; k != nil && k.Service.IsZero() {
+		errs = append(errs, errors.New("peering.kubernetes.service: want NAMESPACE/NAME"))
 	}
 	if p.ReprovideInterval < 0 || p.ProvideRate < 0 {
 		errs = append(errs, errors.New("peering: reprovideInterval and provideRate must not be negative"))

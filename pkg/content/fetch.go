@@ -285,8 +285,8 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	}
 	size := ing.size
 	ing.mu.Unlock()
-	if first && s.opts.OnFetch != nil {
-		s.opts.OnFetch(ing.d)
+	if first {
+		s.events.publish(EventFetching, ing.d)
 	}
 	if fetched.Size != size {
 		return false, fmt.Errorf("fetch %s from %s: size %d, earlier %d: %w", ing.d, fetched.Source, fetched.Size, size, ErrSizeMismatch)

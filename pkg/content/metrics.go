@@ -13,6 +13,7 @@ type metrics struct {
 	evictions, evictedBytes prometheus.Counter
 	verifyFailures          prometheus.Counter
 	fetchedBytes            *prometheus.CounterVec
+	eventsDropped           prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -38,9 +39,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		fetchedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_content_fetched_bytes_total", Help: "Bytes fetched into the store, by source.",
 		}, []string{"source"}),
+		eventsDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_content_events_dropped_total", Help: "Store events a subscriber was too far behind to receive (announcements peering then makes at its next reprovide).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.size, m.blobs, m.inflight, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes)
+		reg.MustRegister(m.size, m.blobs, m.inflight, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes, m.eventsDropped)
 	}
 	return m
 }

@@ -37,8 +37,12 @@ var ErrDigestMismatch = errors.New("content does not match its digest")
 // ErrTooManyFetches is returned when a blob would need a new fetch and MaxFetches are under way.
 var ErrTooManyFetches = errors.New("too many fetches under way")
 
-// DefaultMaxFetches is the default of Options.MaxFetches.
-const DefaultMaxFetches = 512
+// Defaults of Options.
+const (
+	DefaultMaxFetches    = 512
+	DefaultHighWatermark = 0.9
+	DefaultLowWatermark  = 0.8
+)
 
 // ErrSizeMismatch is returned when a source sends more or fewer bytes than it announced.
 var ErrSizeMismatch = errors.New("content does not match its announced size")
@@ -50,14 +54,6 @@ type Options struct {
 	// HighWatermark and LowWatermark are fractions of MaxBytes: eviction starts above the high one and
 	// stops below the low one, so that one commit does not trigger one eviction. Defaults 0.9 and 0.8.
 	HighWatermark, LowWatermark float64
-	// OnCommit and OnRemove are called, outside the store's lock, after a blob became available and after
-	// it was removed. Peering announces and withdraws digests through them.
-	OnCommit, OnRemove func(digest.Digest)
-	// OnFetch is called when a fetch has a source answering. From then on the blob can be read in
-	// flight (Store.Reader), so peering announces it, and nodes that start the same pull join this one.
-	// Not before: a node that announced a blob it has no source for yet would have peers wait on it,
-	// and two such nodes on each other.
-	OnFetch func(digest.Digest)
 	// StallTimeout aborts a fetch attempt whose source sent nothing for this long; the fetch then resumes
 	// from the next attempt. Default 30s.
 	StallTimeout time.Duration
@@ -109,15 +105,16 @@ type Store struct {
 	wg     sync.WaitGroup
 
 	metrics *metrics
+	events  events
 }
 
 // Open opens or creates the store under root and rebuilds its index from disk.
 func Open(root string, opts Options) (*Store, error) {
 	if opts.HighWatermark == 0 {
-		opts.HighWatermark = 0.9
+		opts.HighWatermark = DefaultHighWatermark
 	}
 	if opts.LowWatermark == 0 {
-		opts.LowWatermark = 0.8
+		opts.LowWatermark = DefaultLowWatermark
 	}
 	if opts.LowWatermark > opts.HighWatermark || opts.HighWatermark > 1 || opts.LowWatermark <= 0 {
 		return nil, fmt.Errorf("content store: watermarks must satisfy 0 < low (%v) <= high (%v) <= 1", opts.LowWatermark, opts.HighWatermark)
@@ -147,6 +144,7 @@ func Open(root string, opts Options) (*Store, error) {
 		fetching: make(map[digest.Digest]*ingestion),
 		metrics:  newMetrics(opts.Registerer),
 	}
+	s.events.dropped = s.metrics.eventsDropped.Inc
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.load(); err != nil {
 		return nil, err
@@ -348,10 +346,8 @@ func (s *Store) commit(f *os.File, d digest.Digest, size int64) error {
 	s.mu.Unlock()
 
 	s.metrics.observe(total, n)
-	if s.opts.OnCommit != nil {
-		s.opts.OnCommit(d)
-	}
-	s.notifyRemoved(evicted)
+	s.events.publish(EventCommitted, d)
+	s.events.publish(EventRemoved, evicted...)
 	return nil
 }
 
@@ -374,7 +370,7 @@ func (s *Store) Delete(d digest.Digest) error {
 		return fmt.Errorf("delete %s: %w", d, err)
 	}
 	s.metrics.observe(total, n)
-	s.notifyRemoved([]digest.Digest{d})
+	s.events.publish(EventRemoved, d)
 	return nil
 }
 
@@ -430,7 +426,7 @@ func (s *Store) forget(d digest.Digest) {
 	}
 	s.mu.Unlock()
 	if ok {
-		s.notifyRemoved([]digest.Digest{d})
+		s.events.publish(EventRemoved, d)
 	}
 }
 
@@ -468,15 +464,6 @@ func (s *Store) evictLocked() []digest.Digest {
 		s.log.Info("evicted blobs", "count", len(removed), "sizeBytes", s.total, "maxBytes", s.opts.MaxBytes)
 	}
 	return removed
-}
-
-func (s *Store) notifyRemoved(ds []digest.Digest) {
-	if s.opts.OnRemove == nil {
-		return
-	}
-	for _, d := range ds {
-		s.opts.OnRemove(d)
-	}
 }
 
 // syncDir makes a rename in dir durable. It is best effort: the index is rebuilt from the files at

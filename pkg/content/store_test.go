@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func randomBlob(t testing.TB, n int) ([]byte, digest.Digest) {
@@ -75,9 +77,9 @@ func TestPathRejectsInvalidDigests(t *testing.T) {
 }
 
 func TestEvictionLRUWatermarksAndPins(t *testing.T) {
-	var removed []digest.Digest
-	s := openStore(t, t.TempDir(), Options{MaxBytes: 10_000, HighWatermark: 0.9, LowWatermark: 0.5,
-		OnRemove: func(d digest.Digest) { removed = append(removed, d) }})
+	s := openStore(t, t.TempDir(), Options{MaxBytes: 10_000, HighWatermark: 0.9, LowWatermark: 0.5})
+	ctx, cancel := context.WithCancel(context.Background())
+	events := s.Subscribe(ctx)
 	var ds []digest.Digest
 	for i := 0; i < 4; i++ {
 		b, d := randomBlob(t, 2000)
@@ -105,8 +107,40 @@ func TestEvictionLRUWatermarksAndPins(t *testing.T) {
 			t.Errorf("%s evicted: pinned or newest", keep)
 		}
 	}
+	cancel()
+	var removed, committed []digest.Digest
+	for ev := range events {
+		switch ev.Kind {
+		case EventRemoved:
+			removed = append(removed, ev.Digest)
+		case EventCommitted:
+			committed = append(committed, ev.Digest)
+		}
+	}
 	if len(removed) != 3 || removed[0] != ds[2] {
 		t.Errorf("removed %v, want 3 starting with the least recently used %s", removed, ds[2])
+	}
+	if len(committed) != 5 || committed[4] != d {
+		t.Errorf("committed %v, want the 5 blobs put, in order", committed)
+	}
+}
+
+// A subscriber that does not read loses events past its buffer; the store is never held up.
+func TestEventsNeverBlockTheStore(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	s := openStore(t, t.TempDir(), Options{Registerer: reg})
+	events := s.Subscribe(t.Context())
+	for i := 0; i < eventBuffer+10; i++ {
+		b, d := randomBlob(t, 10)
+		if err := s.Put(d, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(events); n != eventBuffer {
+		t.Errorf("%d events buffered, want %d", n, eventBuffer)
+	}
+	if got := testutil.ToFloat64(s.metrics.eventsDropped); got != 10 {
+		t.Errorf("imagemesh_content_events_dropped_total = %v, want 10", got)
 	}
 }
 

@@ -76,7 +76,7 @@ func (m *Mirror) headBlob(w *responseWriter, r *http.Request, obj source.Object)
 		size, w.source = sz, src
 	} else {
 		// Asking is enough for HEAD: nothing is fetched until a client wants the bytes.
-		desc, err := m.source.Stat(r.Context(), obj)
+		desc, err := m.src().Stat(r.Context(), obj)
 		if err != nil {
 			m.fail(w, err, errcode.ErrorCodeBlobUnknown)
 			return
@@ -99,7 +99,7 @@ func writeBlobHeaders(w http.ResponseWriter, d digest.Digest) {
 
 // fetchFunc opens the blob on the source chain, from whatever offset the store has reached.
 func (m *Mirror) fetchFunc(obj source.Object) content.FetchFunc {
-	return fetchFrom(m.source, obj)
+	return fetchFrom(m.src(), obj)
 }
 
 func fetchFrom(src source.Source, obj source.Object) content.FetchFunc {

@@ -134,7 +134,7 @@ func (m *Mirror) resolve(ctx context.Context, repo reference.Named, tag string) 
 	v, err, _ := m.resolves.Do(key, func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
 		defer cancel()
-		return m.source.Resolve(ctx, repo, tag)
+		return m.src().Resolve(ctx, repo, tag)
 	})
 	switch {
 	case err == nil:
@@ -173,7 +173,7 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 	v, err, _ := m.manifests.Do(d.String(), func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
 		defer cancel()
-		c, err := m.source.Open(ctx, source.Object{Repo: repo, Kind: source.KindManifest, Digest: d}, 0)
+		c, err := m.src().Open(ctx, source.Object{Repo: repo, Kind: source.KindManifest, Digest: d}, 0)
 		if err != nil {
 			return nil, err
 		}

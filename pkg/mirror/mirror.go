@@ -52,11 +52,20 @@ type Options struct {
 	Logger                                        *slog.Logger
 }
 
+// Defaults of Options.
+const (
+	// DefaultRegistry is the registry of requests that name none: Docker's convention.
+	DefaultRegistry = "docker.io"
+	// DefaultTagTTL is how long a tag's answer is reused: short enough that a pushed tag shows within
+	// a minute, long enough that a burst of pulls asks the registry once.
+	DefaultTagTTL = 30 * time.Second
+)
+
 // Mirror is an http.Handler for the /v2/ pull API.
 type Mirror struct {
 	opts    Options
 	store   *content.Store
-	source  source.Source
+	source  atomic.Pointer[sourceRef]
 	tags    *tagCache
 	log     *slog.Logger
 	metrics *metrics
@@ -74,10 +83,10 @@ func New(opts Options) (*Mirror, error) {
 		return nil, errors.New("mirror: a store and a source are required")
 	}
 	if opts.DefaultRegistry == "" {
-		opts.DefaultRegistry = "docker.io"
+		opts.DefaultRegistry = DefaultRegistry
 	}
 	if opts.TagTTL == 0 {
-		opts.TagTTL = 30 * time.Second
+		opts.TagTTL = DefaultTagTTL
 	}
 	if opts.MaxSourceRequests <= 0 {
 		opts.MaxSourceRequests = DefaultMaxSourceRequests
@@ -95,17 +104,28 @@ func New(opts Options) (*Mirror, error) {
 	m := &Mirror{
 		opts:    opts,
 		store:   opts.Store,
-		source:  opts.Source,
 		tags:    tags,
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
 		limit:   newSourceLimit(opts.MaxSourceRequests, opts.MaxSourceRequestsPerClient),
 	}
+	m.SetSource(opts.Source)
 	if len(opts.Registries) > 0 {
 		m.SetRegistries(opts.Registries)
 	}
 	return m, nil
 }
+
+// sourceRef holds the mirror's source for atomic replacement.
+type sourceRef struct{ source.Source }
+
+// SetSource replaces where the mirror gets what the store does not hold. Requests under way finish
+// with the source they started with. The agent starts with its trusted sources and adds the peers
+// once the peering node, which serves peers through the mirror, is up.
+func (m *Mirror) SetSource(s source.Source) { m.source.Store(&sourceRef{s}) }
+
+// src is the mirror's current source.
+func (m *Mirror) src() source.Source { return m.source.Load().Source }
 
 // request is one parsed API request.
 type request struct {

@@ -44,6 +44,18 @@ import (
 // ProtocolPrefix keeps the cluster's DHT apart from any other libp2p network.
 const ProtocolPrefix = "/imagemesh"
 
+// Defaults of Options.
+const (
+	DefaultReprovideInterval = 10 * time.Minute
+	DefaultProvideRate       = 50
+)
+
+// FetchThroughFunc fetches a blob into the store from this node's trusted sources, for a peer.
+type FetchThroughFunc func(ctx context.Context, obj source.Object) (*content.Reader, error)
+
+// CachedTagFunc answers a tag from what this node resolved itself, with when it did.
+type CachedTagFunc func(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool)
+
 // Options configure a Node.
 type Options struct {
 	// ListenAddrs are TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
@@ -66,9 +78,9 @@ type Options struct {
 	ProvideRate int
 	// FetchThrough, if set, lets peers ask this node to fetch a blob from its own trusted sources and
 	// stream it as it arrives. It must not ask peers in turn.
-	FetchThrough func(ctx context.Context, obj source.Object) (*content.Reader, error)
+	FetchThrough FetchThroughFunc
 	// CachedTag, if set, answers peers' tag lookups from what this node resolved itself.
-	CachedTag func(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool)
+	CachedTag CachedTagFunc
 	// Discover finds more peers, periodically while the node has few: DNS, Kubernetes.
 	Discover []Discoverer
 	// DiscoverInterval is how often discovery runs while the node has fewer than MinPeers. Default 30s.
@@ -109,10 +121,10 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		return nil, errors.New("peering: a content store is required")
 	}
 	if opts.ReprovideInterval == 0 {
-		opts.ReprovideInterval = 10 * time.Minute
+		opts.ReprovideInterval = DefaultReprovideInterval
 	}
 	if opts.ProvideRate == 0 {
-		opts.ProvideRate = 50
+		opts.ProvideRate = DefaultProvideRate
 	}
 	if opts.DiscoverInterval == 0 {
 		opts.DiscoverInterval = 30 * time.Second
@@ -186,7 +198,9 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	if err := kad.Bootstrap(ctx); err != nil {
 		n.log.Warn("DHT bootstrap", "err", err)
 	}
-	n.wg.Add(3)
+	events := opts.Store.Subscribe(n.ctx)
+	n.wg.Add(4)
+	go n.announceLoop(events)
 	go n.provideLoop()
 	go n.reprovideLoop()
 	go n.discoverLoop()
@@ -216,6 +230,18 @@ func (n *Node) Connect(ctx context.Context, addr string) error {
 		return err
 	}
 	return n.host.Connect(ctx, infos[0])
+}
+
+// announceLoop announces what the store starts fetching (readable in flight from then on) and what
+// it commits. Removals need nothing: the provider records of a blob the node stopped reproviding
+// expire.
+func (n *Node) announceLoop(events <-chan content.Event) {
+	defer n.wg.Done()
+	for ev := range events {
+		if ev.Kind == content.EventFetching || ev.Kind == content.EventCommitted {
+			n.Announce(ev.Digest)
+		}
+	}
 }
 
 // Announce queues d to be provided, ahead of reprovide rounds. It never blocks: when the queue is

@@ -1,4 +1,4 @@
-package agent
+package clustersync
 
 import (
 	"encoding/base64"

@@ -1,17 +1,22 @@
-package agent
+// Package clustersync applies the mirror configuration the imagemesh controller publishes (a
+// ConfigMap built from the ImageSources) to one node: the registries whose node selector matches the
+// node, their upstreams and credentials, their decentralized sources, their containerd hosts.toml,
+// and the images to prefetch. It reports what it applied in the node's Lease.
+//
+// Invariants: a configuration is reported as applied only when every part of it was; the hosts.toml
+// files it writes point at the agent, and it removes only files it wrote (hostconfig's ownership
+// marker); it keeps no secret in memory beyond the sources and endpoints built from it, and logs none.
+package clustersync
 
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/url"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -19,38 +24,76 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
-	"github.com/imagemesh/imagemesh/pkg/mirror"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
-// clusterSync applies the mirror configuration the controller publishes: it watches the ConfigMap,
-// keeps the registries whose node selector matches this node, points their hosts.toml at the agent,
-// reaches their upstreams as the ImageSources say (credentials from their Secrets), prefetches their
-// images, and reports the configuration it applied in its Lease.
-type clusterSync struct {
-	client      *kubeClient
-	namespace   string
-	configMap   string
-	node        string
-	daemonSet   string // NAMESPACE/NAME of the agents' DaemonSet, or empty
-	hostsDir    string
-	mirrorURL   string
-	staticHosts []string // hosts.toml the agent's own configuration asks for
-	// staticRegistries are registries the agent's own configuration allows besides the cluster's.
-	staticRegistries []string
-	// decentralized gets each registry's sources: the agent's own, then its ImageSource's.
-	decentralized *source.ByRegistry
-	staticSources map[string][]source.Source
-	upstream      *source.Registry
-	mirror        func() *mirror.Mirror
-	log           *slog.Logger
+// Kubernetes is what the sync asks of the API server; *kubeclient.Client provides it.
+type Kubernetes interface {
+	ConfigMapInformer(namespace, name string, resync time.Duration) cache.SharedIndexInformer
+	Node(ctx context.Context, name string) (*corev1.Node, error)
+	Secret(ctx context.Context, namespace, name string) (*corev1.Secret, error)
+	Lease(ctx context.Context, namespace, name string) (*coordinationv1.Lease, error)
+	CreateLease(ctx context.Context, l *coordinationv1.Lease) error
+	UpdateLease(ctx context.Context, l *coordinationv1.Lease) error
+	DaemonSetMeta(ctx context.Context, namespace, name string) (*metav1.PartialObjectMetadata, error)
+}
+
+// Mirror is what the sync changes in the node's mirror.
+type Mirror interface {
+	// SetRegistries sets the only registries the mirror pulls from.
+	SetRegistries(hosts []string)
+	// Prefetch pulls an image into the cache.
+	Prefetch(ctx context.Context, image string) error
+}
+
+// Upstream is the registry source, whose endpoints the sync sets.
+type Upstream interface {
+	SetEndpoints(map[string]source.Endpoint) error
+}
+
+// NewSourceFunc builds a decentralized source; access is a Storj source's serialized grant.
+type NewSourceFunc func(spec mirrorconfig.Source, access string) (source.Source, error)
+
+// Options configure a Sync.
+type Options struct {
+	Client Kubernetes
+	// ConfigMap is the controller's mirror configuration.
+	ConfigMap types.NamespacedName
+	// Node is this node's name.
+	Node string
+	// DaemonSet is the agents' DaemonSet, or empty: see Cleanup.
+	DaemonSet types.NamespacedName
+	// HostsDir is containerd's config_path; empty writes no hosts.toml.
+	HostsDir string
+	// MirrorURL is the agent as containerd reaches it.
+	MirrorURL string
+	// StaticHosts are the hosts.toml files the agent's own configuration asks for: never pruned.
+	StaticHosts []string
+	// StaticRegistries are registries the agent's own configuration allows besides the cluster's.
+	StaticRegistries []string
+	// StaticSources are the agent's own decentralized sources per registry, asked before the
+	// ImageSources' ones.
+	StaticSources map[string][]source.Source
+	Upstream      Upstream
+	// Decentralized gets each registry's sources: the agent's own, then its ImageSources'.
+	Decentralized *source.ByRegistry
+	Mirror        Mirror
+	NewSource     NewSourceFunc
+	Registerer    prometheus.Registerer
+	Logger        *slog.Logger
+}
+
+// Sync keeps the node's mirror in step with the cluster's configuration.
+type Sync struct {
+	opts Options
+	log  *slog.Logger
 
 	built      map[builtSource]source.Source // sources kept across syncs (connections, IPNS cache)
 	registries prometheus.Gauge
@@ -62,15 +105,36 @@ type clusterSync struct {
 	prefetched map[string]bool
 }
 
-// peersMayResolve says whether the ImageSource of host lets peers answer its tags.
-func (c *clusterSync) peersMayResolve(host string) bool {
+// New returns a Sync; Run starts it.
+func New(opts Options) (*Sync, error) {
+	if opts.Client == nil || opts.Mirror == nil || opts.Upstream == nil || opts.Decentralized == nil || opts.NewSource == nil {
+		return nil, errors.New("clustersync: client, mirror, upstream, decentralized and newSource are required")
+	}
+	if opts.ConfigMap.Namespace == "" || opts.ConfigMap.Name == "" || opts.Node == "" {
+		return nil, errors.New("clustersync: the ConfigMap's namespace and name, and the node, are required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Registerer == nil {
+		opts.Registerer = prometheus.NewRegistry()
+	}
+	c := &Sync{opts: opts, log: opts.Logger, prefetched: map[string]bool{}}
+	c.registries, c.syncs = newMetrics(opts.Registerer)
+	return c, nil
+}
+
+// PeersMayResolve says whether the ImageSource of host lets peers answer its tags.
+func (c *Sync) PeersMayResolve(host string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.peerTags[host]
 }
 
-func (c *clusterSync) run(ctx context.Context) error {
-	informer := c.client.configMapInformer(c.namespace, c.configMap, 10*time.Minute)
+// Run applies the configuration at every change of the ConfigMap, and renews the Lease (reading the
+// node's labels again) on a timer, until ctx is done.
+func (c *Sync) Run(ctx context.Context) error {
+	informer := c.opts.Client.ConfigMapInformer(c.opts.ConfigMap.Namespace, c.opts.ConfigMap.Name, 10*time.Minute)
 	changed := make(chan struct{}, 1)
 	poke := func(any) {
 		select {
@@ -81,7 +145,7 @@ func (c *clusterSync) run(ctx context.Context) error {
 	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: poke, UpdateFunc: func(_, o any) { poke(o) }, DeleteFunc: poke,
 	}); err != nil {
-		return fmt.Errorf("watch ConfigMap %s/%s: %w", c.namespace, c.configMap, err)
+		return fmt.Errorf("watch ConfigMap %s: %w", c.opts.ConfigMap, err)
 	}
 	var informing sync.WaitGroup
 	informing.Go(func() { informer.RunWithContext(ctx) })
@@ -94,7 +158,7 @@ func (c *clusterSync) run(ctx context.Context) error {
 	defer tick.Stop()
 	for {
 		cm := &corev1.ConfigMap{}
-		obj, ok, err := informer.GetStore().GetByKey(c.namespace + "/" + c.configMap)
+		obj, ok, err := informer.GetStore().GetByKey(c.opts.ConfigMap.String())
 		if ok {
 			cm = obj.(*corev1.ConfigMap)
 		}
@@ -107,7 +171,7 @@ func (c *clusterSync) run(ctx context.Context) error {
 		}
 		c.syncs.WithLabelValues(result).Inc()
 		if err != nil && ctx.Err() == nil {
-			c.log.Warn("mirror configuration not applied; retrying", "configMap", c.namespace+"/"+c.configMap, "err", err)
+			c.log.Warn("mirror configuration not applied; retrying", "configMap", c.opts.ConfigMap.String(), "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -118,35 +182,25 @@ func (c *clusterSync) run(ctx context.Context) error {
 	}
 }
 
-func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
+func (c *Sync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 	doc, err := mirrorconfig.Parse([]byte(cm.Data[mirrorconfig.ConfigMapKey]))
 	if err != nil {
 		return err
 	}
 	hash := doc.Hash()
-	node, err := c.client.node(ctx, c.node)
+	node, err := c.opts.Client.Node(ctx, c.opts.Node)
 	if err != nil {
-		return fmt.Errorf("node %s: %w", c.node, err)
+		return fmt.Errorf("node %s: %w", c.opts.Node, err)
 	}
-	var mine []mirrorconfig.Registry
-	for _, r := range doc.Registries {
-		sel := labels.Everything()
-		if r.NodeSelector != nil {
-			if sel, err = metav1.LabelSelectorAsSelector(r.NodeSelector); err != nil {
-				c.log.Warn("bad node selector; registry skipped", "registry", r.Host, "imageSource", r.ImageSource, "err", err)
-				continue
-			}
-		}
-		if sel.Matches(labels.Set(node.Labels)) {
-			mine = append(mine, r)
-		}
+	mine, skipped := Select(doc.Registries, node.Labels)
+	for _, err := range skipped {
+		c.log.Warn("registry skipped", "err", err)
 	}
 
 	var errs []error
 	endpoints := map[string]source.Endpoint{}
 	peerTags := map[string]bool{}
-	hosts := slices.Clone(c.staticHosts)
-	var files []hostconfig.Registry
+	var reachable []mirrorconfig.Registry
 	for _, r := range mine {
 		ep, err := c.endpoint(ctx, r)
 		if err != nil {
@@ -155,14 +209,14 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 		}
 		endpoints[r.Host] = ep
 		peerTags[r.Host] = r.PeersResolveTags
-		hosts = append(hosts, r.Host)
-		files = append(files, hostconfig.Registry{Host: r.Host, Server: strings.TrimSuffix(ep.URL.String(), "/"), Mirrors: []hostconfig.Mirror{{URL: c.mirrorURL}}})
+		reachable = append(reachable, r)
 	}
-	if err := c.upstream.SetEndpoints(endpoints); err != nil {
+	hosts, files := Hosts(c.opts.StaticHosts, reachable, endpoints, c.opts.MirrorURL)
+	if err := c.opts.Upstream.SetEndpoints(endpoints); err != nil {
 		return err
 	}
 	sources := map[string][]source.Source{}
-	for host, srcs := range c.staticSources {
+	for host, srcs := range c.opts.StaticSources {
 		sources[host] = append(sources[host], srcs...)
 	}
 	for _, r := range mine {
@@ -175,22 +229,20 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 			sources[r.Host] = append(sources[r.Host], src)
 		}
 	}
-	c.decentralized.Set(sources)
+	c.opts.Decentralized.Set(sources)
 	// In a cluster the agent serves the registries its node mirrors, and those its own configuration
 	// names; it is no open proxy for anything a pod asks of it.
-	if m := c.mirror(); m != nil {
-		m.SetRegistries(append(append([]string{}, c.staticRegistries...), hosts...))
-	}
+	c.opts.Mirror.SetRegistries(append(slices.Clone(c.opts.StaticRegistries), hosts...))
 	c.mu.Lock()
 	c.peerTags = peerTags
 	c.mu.Unlock()
 	c.registries.Set(float64(len(mine)))
-	if c.hostsDir != "" {
-		written, err := hostconfig.Apply(c.hostsDir, files)
+	if c.opts.HostsDir != "" {
+		written, err := hostconfig.Apply(c.opts.HostsDir, files)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		removed, err := hostconfig.Prune(c.hostsDir, hosts)
+		removed, err := hostconfig.Prune(c.opts.HostsDir, hosts)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -216,7 +268,7 @@ func (c *clusterSync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 }
 
 // endpoint is how to reach r's upstream, with the credentials of its Secret.
-func (c *clusterSync) endpoint(ctx context.Context, r mirrorconfig.Registry) (source.Endpoint, error) {
+func (c *Sync) endpoint(ctx context.Context, r mirrorconfig.Registry) (source.Endpoint, error) {
 	raw := r.Endpoint
 	if raw == "" {
 		raw = hostconfig.DefaultServer(r.Host)
@@ -229,67 +281,29 @@ func (c *clusterSync) endpoint(ctx context.Context, r mirrorconfig.Registry) (so
 	if r.CredentialsSecret == "" {
 		return ep, nil
 	}
-	sec, err := c.client.secret(ctx, c.namespace, r.CredentialsSecret)
+	sec, err := c.opts.Client.Secret(ctx, c.opts.ConfigMap.Namespace, r.CredentialsSecret)
 	if err != nil {
 		return source.Endpoint{}, fmt.Errorf("registry %s: credentials: %w", r.Host, err)
 	}
 	ep.Username, ep.Password, err = credentials(sec, r.Host, u.Host)
 	if err != nil {
-		return source.Endpoint{}, fmt.Errorf("registry %s: credentials in Secret %s/%s: %w", r.Host, c.namespace, r.CredentialsSecret, err)
+		return source.Endpoint{}, fmt.Errorf("registry %s: credentials in Secret %s/%s: %w", r.Host, c.opts.ConfigMap.Namespace, r.CredentialsSecret, err)
 	}
 	return ep, nil
 }
 
-// credentials reads a username and password from a Secret: the keys username and password, or a
-// kubernetes.io/dockerconfigjson Secret's entry for the registry.
-func credentials(sec *corev1.Secret, hosts ...string) (string, string, error) {
-	if u, ok := sec.Data["username"]; ok {
-		return string(u), string(sec.Data["password"]), nil
-	}
-	raw, ok := sec.Data[corev1.DockerConfigJsonKey]
-	if !ok {
-		return "", "", errors.New("neither username/password nor .dockerconfigjson")
-	}
-	var cfg struct {
-		Auths map[string]struct {
-			Username string `json:"username"`
-			Password string `json:"password"`
-			Auth     string `json:"auth"`
-		} `json:"auths"`
-	}
-	if err := json.Unmarshal(raw, &cfg); err != nil {
-		return "", "", fmt.Errorf(".dockerconfigjson: %w", err)
-	}
-	for key, a := range cfg.Auths {
-		k := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(key, "https://"), "http://"), "/")
-		if !slices.Contains(hosts, k) && (k != "index.docker.io/v1" || !slices.Contains(hosts, "docker.io")) {
-			continue
-		}
-		if a.Username != "" {
-			return a.Username, a.Password, nil
-		}
-		b, err := base64.StdEncoding.DecodeString(a.Auth)
-		if err != nil {
-			return "", "", fmt.Errorf(".dockerconfigjson auth for %s: %w", key, err)
-		}
-		user, pass, _ := strings.Cut(string(b), ":")
-		return user, pass, nil
-	}
-	return "", "", fmt.Errorf(".dockerconfigjson has no entry for %s", strings.Join(hosts, " or "))
-}
-
 // report renews the node's Lease with the hash it applied.
-func (c *clusterSync) report(ctx context.Context, hash string) error {
-	name := mirrorconfig.LeasePrefix + c.node
+func (c *Sync) report(ctx context.Context, hash string) error {
+	name, ns, node := mirrorconfig.LeasePrefix+c.opts.Node, c.opts.ConfigMap.Namespace, c.opts.Node
 	now := metav1.NewMicroTime(time.Now())
-	lease, err := c.client.lease(ctx, c.namespace, name)
+	lease, err := c.opts.Client.Lease(ctx, ns, name)
 	if apierrors.IsNotFound(err) {
-		lease = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: c.namespace,
+		lease = &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
 			Labels: map[string]string{"app.kubernetes.io/name": "imagemesh", "app.kubernetes.io/component": "node-agent"}}}
 		lease.Annotations = map[string]string{mirrorconfig.AppliedAnnotation: hash}
-		lease.Spec.HolderIdentity = &c.node
+		lease.Spec.HolderIdentity = &node
 		lease.Spec.RenewTime = &now
-		return c.client.createLease(ctx, lease)
+		return c.opts.Client.CreateLease(ctx, lease)
 	}
 	if err != nil {
 		return err
@@ -298,17 +312,14 @@ func (c *clusterSync) report(ctx context.Context, hash string) error {
 		lease.Annotations = map[string]string{}
 	}
 	lease.Annotations[mirrorconfig.AppliedAnnotation] = hash
-	lease.Spec.HolderIdentity = &c.node
+	lease.Spec.HolderIdentity = &node
 	lease.Spec.RenewTime = &now
-	return c.client.updateLease(ctx, lease)
+	return c.opts.Client.UpdateLease(ctx, lease)
 }
 
 // prefetch pulls each listed image once into the cache, in the background.
-func (c *clusterSync) prefetch(ctx context.Context, regs []mirrorconfig.Registry) {
-	m := c.mirror()
-	if m == nil {
-		return
-	}
+func (c *Sync) prefetch(ctx context.Context, regs []mirrorconfig.Registry) {
+	m := c.opts.Mirror
 	for _, r := range regs {
 		for _, img := range r.Prefetch {
 			c.mu.Lock()
@@ -333,28 +344,28 @@ func (c *clusterSync) prefetch(ctx context.Context, regs []mirrorconfig.Registry
 	}
 }
 
-// cleanup removes the hosts.toml files the agent wrote for the cluster when the agents are being
+// Cleanup removes the hosts.toml files the agent wrote for the cluster when the agents are being
 // uninstalled: containerd goes back to the registries directly. While the agents' DaemonSet lives,
 // this stop is a rolling update or a drain, and the files stay: containerd falls back to their
 // `server` while nobody answers on the agent's port, and the next agent takes over at once. When the
 // DaemonSet cannot be read, the files go, as they always did.
-func (c *clusterSync) cleanup(ctx context.Context) {
-	if c.hostsDir == "" {
+func (c *Sync) Cleanup(ctx context.Context) {
+	if c.opts.HostsDir == "" {
 		return
 	}
-	if ns, name, ok := strings.Cut(c.daemonSet, "/"); ok {
+	if ds := c.opts.DaemonSet; ds.Name != "" {
 		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		ds, err := c.client.daemonSetMeta(ctx, ns, name)
+		meta, err := c.opts.Client.DaemonSetMeta(ctx, ds.Namespace, ds.Name)
 		cancel()
-		if err == nil && ds.DeletionTimestamp == nil {
-			c.log.Info("containerd hosts.toml kept: the agents' DaemonSet stays", "daemonSet", c.daemonSet)
+		if err == nil && meta.DeletionTimestamp == nil {
+			c.log.Info("containerd hosts.toml kept: the agents' DaemonSet stays", "daemonSet", ds.String())
 			return
 		}
 		if err != nil && !apierrors.IsNotFound(err) {
-			c.log.Warn("cannot tell an uninstall from a restart; removing hosts.toml", "daemonSet", c.daemonSet, "err", err)
+			c.log.Warn("cannot tell an uninstall from a restart; removing hosts.toml", "daemonSet", ds.String(), "err", err)
 		}
 	}
-	removed, err := hostconfig.Prune(c.hostsDir, c.staticHosts)
+	removed, err := hostconfig.Prune(c.opts.HostsDir, c.opts.StaticHosts)
 	if err != nil {
 		c.log.Warn("removing hosts.toml", "err", err)
 	}
@@ -363,7 +374,7 @@ func (c *clusterSync) cleanup(ctx context.Context) {
 	}
 }
 
-func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus.CounterVec) {
+func newMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus.CounterVec) {
 	g := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "imagemesh_cluster_registries", Help: "Registries the cluster's ImageSources have this node mirror.",
 	})
@@ -376,19 +387,19 @@ func newClusterMetrics(reg prometheus.Registerer) (prometheus.Gauge, *prometheus
 
 // source returns the source for spec, the same one as long as spec (and, for Storj, the access
 // grant in its Secret) does not change.
-func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (source.Source, error) {
+func (c *Sync) source(ctx context.Context, spec mirrorconfig.Source) (source.Source, error) {
 	var access string
 	if spec.Type == mirrorconfig.SourceStorj {
 		if spec.AccessSecret == "" {
 			return nil, fmt.Errorf("bucket %s on Storj: no access Secret", spec.Bucket)
 		}
-		sec, err := c.client.secret(ctx, c.namespace, spec.AccessSecret)
+		sec, err := c.opts.Client.Secret(ctx, c.opts.ConfigMap.Namespace, spec.AccessSecret)
 		if err != nil {
 			return nil, fmt.Errorf("bucket %s on Storj: access grant: %w", spec.Bucket, err)
 		}
 		b, ok := sec.Data[mirrorconfig.StorjAccessKey]
 		if !ok {
-			return nil, fmt.Errorf("bucket %s on Storj: Secret %s/%s has no key %q", spec.Bucket, c.namespace, spec.AccessSecret, mirrorconfig.StorjAccessKey)
+			return nil, fmt.Errorf("bucket %s on Storj: Secret %s/%s has no key %q", spec.Bucket, c.opts.ConfigMap.Namespace, spec.AccessSecret, mirrorconfig.StorjAccessKey)
 		}
 		access = string(b)
 	}
@@ -398,7 +409,7 @@ func (c *clusterSync) source(ctx context.Context, spec mirrorconfig.Source) (sou
 	if src, ok := c.built[key]; ok {
 		return src, nil
 	}
-	src, err := newSource(spec, access)
+	src, err := c.opts.NewSource(spec, access)
 	if err != nil {
 		return nil, err
 	}

@@ -1,4 +1,7 @@
-package agent
+// Package kubeclient is the node agent's Kubernetes client: the few calls the agent makes, through
+// REST clients whose scheme knows only the API groups it uses, so that the agent does not link
+// client-go's whole clientset.
+package kubeclient
 
 import (
 	"context"
@@ -18,12 +21,12 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
-// kubeClient is the agent's Kubernetes client: the few calls it makes (one ConfigMap watched, Nodes
+// Client is the agent's Kubernetes client: the few calls it makes (one ConfigMap watched, Nodes
 // and Secrets read, Leases written, EndpointSlices listed), as client-go's typed clients make them,
 // through REST clients whose scheme knows core/v1, coordination.k8s.io/v1 and discovery.k8s.io/v1
 // only. client-go's clientset registers every built-in API group in its scheme, and so links all of
 // them (a fifth of the agent's code) into a binary that uses three.
-type kubeClient struct {
+type Client struct {
 	core, coordination, discovery *rest.RESTClient
 	// apps reads only the metadata of the agents' DaemonSet: no apps/v1 types are linked for it.
 	apps *rest.RESTClient
@@ -44,9 +47,9 @@ var (
 	kubeParameterCodec = runtime.NewParameterCodec(kubeScheme)
 )
 
-// newKubeClient makes the REST clients for cfg. They share one HTTP client, and each has the rate
+// New makes the REST clients for cfg. They share one HTTP client, and each has the rate
 // limit cfg asks for (client-go's defaults if none), as the clientset's typed clients do.
-func newKubeClient(cfg *rest.Config) (*kubeClient, error) {
+func New(cfg *rest.Config) (*Client, error) {
 	httpClient, err := rest.HTTPClientFor(cfg)
 	if err != nil {
 		return nil, err
@@ -60,7 +63,7 @@ func newKubeClient(cfg *rest.Config) (*kubeClient, error) {
 		}
 		return rest.RESTClientForConfigAndClient(c, httpClient)
 	}
-	var k kubeClient
+	var k Client
 	if k.core, err = restClient("/api", corev1.SchemeGroupVersion); err != nil {
 		return nil, err
 	}
@@ -80,31 +83,36 @@ func request(r *rest.Request, namespace, resource string) *rest.Request {
 	return r.UseProtobufAsDefaultIfPreferred(true).NamespaceIfScoped(namespace, namespace != "").Resource(resource)
 }
 
-func (k *kubeClient) node(ctx context.Context, name string) (*corev1.Node, error) {
+// Node reads a Node.
+func (k *Client) Node(ctx context.Context, name string) (*corev1.Node, error) {
 	var n corev1.Node
 	return &n, request(k.core.Get(), "", "nodes").Name(name).Do(ctx).Into(&n)
 }
 
-func (k *kubeClient) secret(ctx context.Context, namespace, name string) (*corev1.Secret, error) {
+// Secret reads a Secret.
+func (k *Client) Secret(ctx context.Context, namespace, name string) (*corev1.Secret, error) {
 	var s corev1.Secret
 	return &s, request(k.core.Get(), namespace, "secrets").Name(name).Do(ctx).Into(&s)
 }
 
-func (k *kubeClient) lease(ctx context.Context, namespace, name string) (*coordinationv1.Lease, error) {
+// Lease reads a Lease.
+func (k *Client) Lease(ctx context.Context, namespace, name string) (*coordinationv1.Lease, error) {
 	var l coordinationv1.Lease
 	return &l, request(k.coordination.Get(), namespace, "leases").Name(name).Do(ctx).Into(&l)
 }
 
-func (k *kubeClient) createLease(ctx context.Context, l *coordinationv1.Lease) error {
+// CreateLease creates a Lease.
+func (k *Client) CreateLease(ctx context.Context, l *coordinationv1.Lease) error {
 	return request(k.coordination.Post(), l.Namespace, "leases").Body(l).Do(ctx).Error()
 }
 
-func (k *kubeClient) updateLease(ctx context.Context, l *coordinationv1.Lease) error {
+// UpdateLease replaces a Lease; it fails on a conflict.
+func (k *Client) UpdateLease(ctx context.Context, l *coordinationv1.Lease) error {
 	return request(k.coordination.Put(), l.Namespace, "leases").Name(l.Name).Body(l).Do(ctx).Error()
 }
 
-// daemonSetMeta reads the metadata of a DaemonSet (JSON, decoded into metadata only).
-func (k *kubeClient) daemonSetMeta(ctx context.Context, namespace, name string) (*metav1.PartialObjectMetadata, error) {
+// DaemonSetMeta reads the metadata of a DaemonSet (JSON, decoded into metadata only).
+func (k *Client) DaemonSetMeta(ctx context.Context, namespace, name string) (*metav1.PartialObjectMetadata, error) {
 	b, err := k.apps.Get().Namespace(namespace).Resource("daemonsets").Name(name).DoRaw(ctx)
 	if err != nil {
 		return nil, err
@@ -118,16 +126,16 @@ func (k *kubeClient) daemonSetMeta(ctx context.Context, namespace, name string) 
 
 // EndpointSlices lists the EndpointSlices in namespace that match a label selector (for
 // peering.KubernetesPeers).
-func (k *kubeClient) EndpointSlices(ctx context.Context, namespace, selector string) (*discoveryv1.EndpointSliceList, error) {
+func (k *Client) EndpointSlices(ctx context.Context, namespace, selector string) (*discoveryv1.EndpointSliceList, error) {
 	var list discoveryv1.EndpointSliceList
 	opts := metav1.ListOptions{LabelSelector: selector}
 	err := request(k.discovery.Get(), namespace, "endpointslices").VersionedParams(&opts, kubeParameterCodec).Do(ctx).Into(&list)
 	return &list, err
 }
 
-// configMapInformer watches the ConfigMap namespace/name, as client-go's informer factory does with
+// ConfigMapInformer watches the ConfigMap namespace/name, as client-go's informer factory does with
 // a namespace and a field selector on the name.
-func (k *kubeClient) configMapInformer(namespace, name string, resync time.Duration) cache.SharedIndexInformer {
+func (k *Client) ConfigMapInformer(namespace, name string, resync time.Duration) cache.SharedIndexInformer {
 	configMaps := func(opts *metav1.ListOptions) *rest.Request {
 		opts.FieldSelector = "metadata.name=" + name
 		var timeout time.Duration
