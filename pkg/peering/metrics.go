@@ -7,6 +7,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// badPeerReasons are the values of the reason label of imagemesh_peering_bad_peer_events_total.
+var badPeerReasons = []string{reasonOversized, reasonDigestMismatch}
+
+const (
+	reasonOversized      = "oversized"       // a manifest over the size limit of manifests
+	reasonDigestMismatch = "digest_mismatch" // bytes that do not hash to the digest asked for
+)
+
 type metrics struct {
 	provide, find  *prometheus.HistogramVec
 	provideDropped prometheus.Counter
@@ -37,6 +45,11 @@ func newMetrics(reg prometheus.Registerer, h host.Host) *metrics {
 		badPeer: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification, by reason; the peer is skipped for that digest.",
 		}, []string{"reason"}),
+	}
+	// Every reason is exported from the start, at zero: a series that appears only with the first
+	// event leaves dashboards and alerts with nothing to compare it with.
+	for _, reason := range badPeerReasons {
+		m.badPeer.WithLabelValues(reason)
 	}
 	if reg != nil {
 		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/pnet"
 	mh "github.com/multiformats/go-multihash"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/source"
@@ -238,5 +240,51 @@ func TestPeerSourceVerifiesSmallObjectsAndMarksLargeOnesUntrusted(t *testing.T) 
 		if _, err := n2.Source().Open(context.Background(), obj, 0); !errors.Is(err, source.ErrNotFound) {
 			t.Fatalf("a rejected peer was asked again: %v", err)
 		}
+	}
+}
+
+// Every reason of the bad-peer counter is exported at zero before any event, so that a dashboard or
+// an alert sees the series from the start; an event counts under its reason.
+func TestBadPeerEventsExportedFromTheStart(t *testing.T) {
+	store, err := content.Open(t.TempDir(), content.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	reg := prometheus.NewRegistry()
+	n, err := New(context.Background(), Options{
+		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, PSK: testKey(t), DataDir: t.TempDir(), Store: store, Registerer: reg,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	events := func() map[string]float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]float64{}
+		for _, mf := range mfs {
+			if mf.GetName() != "imagemesh_peering_bad_peer_events_total" {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "reason" {
+						got[l.GetValue()] = m.GetCounter().GetValue()
+					}
+				}
+			}
+		}
+		return got
+	}
+	if got := events(); !maps.Equal(got, map[string]float64{reasonOversized: 0, reasonDigestMismatch: 0}) {
+		t.Fatalf("bad-peer events before any: %v, want every reason at 0", got)
+	}
+	n.reject(n.ID(), digest.FromString("rotten"), reasonDigestMismatch, nil)
+	if got := events(); got[reasonDigestMismatch] != 1 || got[reasonOversized] != 0 {
+		t.Fatalf("bad-peer events after one digest mismatch: %v", got)
 	}
 }

@@ -351,11 +351,11 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 	if c.Descriptor.Size > verifyLimit || offset > 0 {
 		if manifest {
 			_ = c.Close() // refused unread
-			n.reject(r.peer, r.obj.Digest, "oversized", nil)
+			n.reject(r.peer, r.obj.Digest, reasonOversized, nil)
 			return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
 		}
 		c.Untrusted = true
-		c.Reject = func(err error) { n.reject(r.peer, r.obj.Digest, "digest_mismatch", err) }
+		c.Reject = func(err error) { n.reject(r.peer, r.obj.Digest, reasonDigestMismatch, err) }
 		return c, nil
 	}
 	defer func() { _ = c.Close() }() // read whole below; nothing is left to flush
@@ -364,7 +364,7 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
 	}
 	if int64(len(body)) != c.Descriptor.Size || r.obj.Digest.Algorithm().FromBytes(body) != r.obj.Digest {
-		n.reject(r.peer, r.obj.Digest, "digest_mismatch", nil)
+		n.reject(r.peer, r.obj.Digest, reasonDigestMismatch, nil)
 		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, content.ErrDigestMismatch)
 	}
 	return &source.Content{
