@@ -21,6 +21,7 @@ import (
 
 	"github.com/imagemesh/imagemesh/internal/clustersync"
 	"github.com/imagemesh/imagemesh/internal/kubeclient"
+	"github.com/imagemesh/imagemesh/internal/statuspage"
 	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
@@ -137,7 +138,24 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 
 	var ready atomic.Bool
-	servers := lns.servers(m, node, reg, &ready, log)
+	started := time.Now()
+	status := statuspage.Handler(func() statuspage.Status {
+		s := statuspage.Status{
+			Version: Version, Node: cfg.Cluster.NodeName, Started: started, Now: time.Now(),
+			Cache:            statuspage.Cache{Bytes: store.Size(), MaxBytes: store.MaxBytes(), Blobs: store.Blobs()},
+			Journal:          m.Journal(),
+			StaticRegistries: staticRegistries(cfg),
+		}
+		if node != nil {
+			s.Peering, s.PeerID, s.Peers = true, node.ID().String(), node.ConnectedPeers()
+		}
+		if cs != nil {
+			cst := cs.Status()
+			s.Cluster = &cst
+		}
+		return s
+	}, log.With("component", "status"))
+	servers := lns.servers(m, node, reg, &ready, status, log)
 	g, gctx := errgroup.WithContext(ctx)
 	servers.serve(g)
 	if cs != nil {
@@ -235,6 +253,26 @@ func newClusterSync(cfg Config, mirrorURL string, m *mirror.Mirror, src *sources
 		Registerer:       reg,
 		Logger:           log,
 	})
+}
+
+// staticRegistries are the registries the agent's own configuration names: those it writes hosts.toml
+// for, those it is limited to, and those it has upstreams for, once each.
+func staticRegistries(cfg Config) []string {
+	var out []string
+	for _, h := range slices.Concat(cfg.HostConfig.Registries, cfg.Registries, upstreamHosts(cfg.Upstreams)) {
+		if !slices.Contains(out, h) {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func upstreamHosts(ups []Upstream) []string {
+	out := make([]string, len(ups))
+	for i, u := range ups {
+		out[i] = u.Host
+	}
+	return out
 }
 
 // closeLogged closes c at the end of Run; a failure is logged, as Run's own error is the one that

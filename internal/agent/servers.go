@@ -60,9 +60,10 @@ type servers []struct {
 	ln  net.Listener
 }
 
-// servers routes the pull API (and the peer ID, for discovery) to the API's port, and /metrics,
-// /healthz and /readyz to the operational port, or to the API's when there is none.
-func (l *listeners) servers(m *mirror.Mirror, node *peering.Node, reg *prometheus.Registry, ready *atomic.Bool, log *slog.Logger) servers {
+// servers routes the pull API (and the peer ID, for discovery) to the API's port, and the status
+// page (/), /metrics, /healthz and /readyz to the operational port, or to the API's when there is
+// none.
+func (l *listeners) servers(m *mirror.Mirror, node *peering.Node, reg *prometheus.Registry, ready *atomic.Bool, status http.Handler, log *slog.Logger) servers {
 	api := http.NewServeMux()
 	api.Handle("/v2/", m)
 	api.Handle("/v2", m)
@@ -72,23 +73,27 @@ func (l *listeners) servers(m *mirror.Mirror, node *peering.Node, reg *prometheu
 	ok := func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n") // a client that went away is no error of ours
 	}
-	// The health endpoint answers on the API address too: that is what a hosts.toml user can see.
-	api.HandleFunc("/healthz", ok)
-	out := servers{{newServer(api, log), l.api}}
-	ops := api
-	if l.ops != nil {
-		ops = http.NewServeMux()
-		ops.HandleFunc("/healthz", ok)
-		out = append(out, servers{{newServer(ops, log), l.ops}}...)
-	}
-	ops.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	ops.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+	readyz := func(w http.ResponseWriter, r *http.Request) {
 		if !ready.Load() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		ok(w, r)
-	})
+	}
+	// The health endpoints answer on the API address too: that is what a hosts.toml user, and a
+	// kubelet probing the agent's port, can see.
+	api.HandleFunc("/healthz", ok)
+	api.HandleFunc("/readyz", readyz)
+	out := servers{{newServer(api, log), l.api}}
+	ops := api
+	if l.ops != nil {
+		ops = http.NewServeMux()
+		ops.HandleFunc("/healthz", ok)
+		ops.HandleFunc("/readyz", readyz)
+		out = append(out, servers{{newServer(ops, log), l.ops}}...)
+	}
+	ops.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	ops.Handle("GET /{$}", status)
 	return out
 }
 

@@ -103,6 +103,37 @@ type Sync struct {
 	peerTags   map[string]bool
 	applied    string
 	prefetched map[string]bool
+	status     Status
+}
+
+// Status is what the sync last did, for the agent's status page.
+type Status struct {
+	// Applied is the hash of the configuration last applied in full; empty before the first.
+	Applied string
+	// Registries are the cluster's registries this node mirrors, from the last sync.
+	Registries []RegistryStatus
+	// LastSync is when the last sync ended; LastError is its error, empty if it succeeded.
+	LastSync  time.Time
+	LastError string
+}
+
+// RegistryStatus is one registry the node mirrors for the cluster.
+type RegistryStatus struct {
+	Host        string
+	ImageSource string
+	// Endpoint is where the agent reaches the registry (no credentials).
+	Endpoint string
+	// Sources are the types of its decentralized sources, in order.
+	Sources []string
+}
+
+// Status returns what the sync last did.
+func (c *Sync) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.status
+	s.Registries = slices.Clone(s.Registries)
+	return s
 }
 
 // New returns a Sync; Run starts it.
@@ -165,6 +196,12 @@ func (c *Sync) Run(ctx context.Context) error {
 		if err == nil {
 			err = c.sync(ctx, cm)
 		}
+		c.mu.Lock()
+		c.status.LastSync, c.status.LastError = time.Now(), ""
+		if err != nil {
+			c.status.LastError = err.Error()
+		}
+		c.mu.Unlock()
 		result := "ok"
 		if err != nil {
 			result = "error"
@@ -233,8 +270,17 @@ func (c *Sync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 	// In a cluster the agent serves the registries its node mirrors, and those its own configuration
 	// names; it is no open proxy for anything a pod asks of it.
 	c.opts.Mirror.SetRegistries(append(slices.Clone(c.opts.StaticRegistries), hosts...))
+	regs := make([]RegistryStatus, 0, len(reachable))
+	for _, r := range reachable {
+		rs := RegistryStatus{Host: r.Host, ImageSource: r.ImageSource, Endpoint: endpoints[r.Host].URL.Redacted()}
+		for _, s := range r.Sources {
+			rs.Sources = append(rs.Sources, s.Type)
+		}
+		regs = append(regs, rs)
+	}
 	c.mu.Lock()
 	c.peerTags = peerTags
+	c.status.Registries = regs
 	c.mu.Unlock()
 	c.registries.Set(float64(len(mine)))
 	if c.opts.HostsDir != "" {
@@ -262,6 +308,7 @@ func (c *Sync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 		c.log.Info("mirror configuration applied", "hash", hash, "registries", hosts)
 		c.applied = hash
 	}
+	c.status.Applied = hash
 	c.mu.Unlock()
 	c.prefetch(ctx, mine)
 	return nil

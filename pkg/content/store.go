@@ -418,6 +418,16 @@ func (s *Store) Size() int64 {
 	return s.total
 }
 
+// Blobs is the number of blobs the store holds.
+func (s *Store) Blobs() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.entries)
+}
+
+// MaxBytes is the store's size limit; 0 is unbounded.
+func (s *Store) MaxBytes() int64 { return s.opts.MaxBytes }
+
 func (s *Store) forget(d digest.Digest) {
 	s.mu.Lock()
 	e, ok := s.entries[d]

@@ -70,6 +70,7 @@ type Mirror struct {
 	log     *slog.Logger
 	metrics *metrics
 
+	journal   journal
 	limit     *sourceLimit
 	manifests singleflight.Group
 	resolves  singleflight.Group
@@ -138,8 +139,14 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	rw := &responseWriter{ResponseWriter: w, source: "none"}
 	kind := "other"
+	var req *request
 	defer func() {
-		m.metrics.observe(kind, r.Method, rw.status(), rw.source, rw.bytes, time.Since(start))
+		took := time.Since(start)
+		m.metrics.observe(kind, r.Method, rw.status(), rw.source, rw.bytes, took)
+		if req != nil && (kind == "manifest" || kind == "blob") {
+			m.journal.record(Pull{Time: start, Method: methodLabel(r.Method), Kind: kind, Repo: req.repo.Name(), Ref: req.ref,
+				Status: rw.status(), Source: rw.source, Bytes: rw.bytes, Duration: took, Error: rw.err})
+		}
 	}()
 	rw.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -153,7 +160,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rw.Header().Set("Content-Length", "2")
 		rw.WriteHeader(http.StatusOK)
 		if r.Method == http.MethodGet {
-			io.WriteString(rw, "{}")
+			_, _ = io.WriteString(rw, "{}") // a client that went away is no error of ours
 		}
 		return
 	}
@@ -308,8 +315,11 @@ func (m *Mirror) writeError(w http.ResponseWriter, status int, err error) {
 	h.Set("Content-Type", "application/json; charset=utf-8")
 	h.Set("Content-Length", fmt.Sprint(len(body)))
 	h.Set("X-Content-Type-Options", "nosniff")
+	if rw, ok := w.(*responseWriter); ok {
+		rw.err = e.Message
+	}
 	w.WriteHeader(status)
-	w.Write(body)
+	_, _ = w.Write(body) // a client that went away is no error of ours
 }
 
 // responseWriter records what was answered, for metrics, and sends bodies that come as readers
@@ -319,6 +329,7 @@ type responseWriter struct {
 	code   int
 	bytes  int64
 	source string
+	err    string // the message of the API error answered
 }
 
 func (w *responseWriter) WriteHeader(code int) {

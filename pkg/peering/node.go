@@ -15,6 +15,8 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -222,6 +224,29 @@ func (n *Node) Addrs() []string {
 
 // Peers is the number of peers connected.
 func (n *Node) Peers() int { return len(n.host.Network().Peers()) }
+
+// PeerInfo is a connected peer.
+type PeerInfo struct {
+	ID peer.ID
+	// Addrs are the remote addresses of the connections to it.
+	Addrs []string
+}
+
+// ConnectedPeers lists the peers connected now, with the addresses they are reached at.
+func (n *Node) ConnectedPeers() []PeerInfo {
+	net := n.host.Network()
+	peers := net.Peers()
+	out := make([]PeerInfo, 0, len(peers))
+	for _, p := range peers {
+		info := PeerInfo{ID: p}
+		for _, c := range net.ConnsToPeer(p) {
+			info.Addrs = append(info.Addrs, c.RemoteMultiaddr().String())
+		}
+		out = append(out, info)
+	}
+	slices.SortFunc(out, func(a, b PeerInfo) int { return strings.Compare(a.ID.String(), b.ID.String()) })
+	return out
+}
 
 // Connect dials a peer given as a multiaddr ending in /p2p/<id>.
 func (n *Node) Connect(ctx context.Context, addr string) error {
