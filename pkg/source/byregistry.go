@@ -43,6 +43,12 @@ func (b *ByRegistry) Resolve(ctx context.Context, repo reference.Named, tag stri
 	return b.chain(repo).Resolve(ctx, repo, tag)
 }
 
+// ListTags asks the registry's sources that can list tags, in order; they are all trusted with
+// tags, as they are for Resolve.
+func (b *ByRegistry) ListTags(ctx context.Context, repo reference.Named) ([]string, error) {
+	return b.chain(repo).ListTags(ctx, repo)
+}
+
 func (b *ByRegistry) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	return b.chain(obj.Repo).Stat(ctx, obj)
 }

@@ -48,6 +48,31 @@ func (c *Chain) Resolve(ctx context.Context, repo reference.Named, tag string) (
 	return ocispec.Descriptor{}, joinErrors(errs)
 }
 
+// ListTags asks the links trusted with tags whose sources can list (TagLister), in the order of
+// Resolve: the ResolveTags links, then the TagFallback ones. Sources that cannot list are passed
+// over; with none that can, the answer is ErrNotFound. Like Resolve, it returns ErrNotFound only if
+// every source asked said so.
+func (c *Chain) ListTags(ctx context.Context, repo reference.Named) ([]string, error) {
+	var errs []error
+	for _, fallback := range []bool{false, true} {
+		for _, l := range c.links {
+			if (fallback && !l.TagFallback) || (!fallback && !l.ResolveTags) {
+				continue
+			}
+			lister, ok := l.Source.(TagLister)
+			if !ok {
+				continue
+			}
+			tags, err := lister.ListTags(ctx, repo)
+			if err == nil {
+				return tags, nil
+			}
+			errs = append(errs, err)
+		}
+	}
+	return nil, joinErrors(errs)
+}
+
 func (c *Chain) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	var errs []error
 	for _, l := range c.links {

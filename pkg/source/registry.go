@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -65,7 +66,21 @@ type RegistryOptions struct {
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
 	UserAgent  string
+	// TagPageSize is the number of tags asked for per page when listing tags (the `n` parameter);
+	// the registry may send fewer, and the source follows its Link headers. Default
+	// DefaultTagPageSize.
+	TagPageSize int
 }
+
+// DefaultTagPageSize is the page size go-containerregistry's clients (crane ls) ask registries for.
+const DefaultTagPageSize = 1000
+
+// Bounds on a tag list from a registry: its pages' bodies together, and the number of pages (a
+// registry that links a page to itself must not keep the agent busy).
+const (
+	maxTagListBytes = 16 << 20
+	maxTagPages     = 1000
+)
 
 // Registry is the upstream registry source: the OCI distribution API of the registry an image names.
 type Registry struct {
@@ -88,6 +103,9 @@ func NewRegistry(opts RegistryOptions) (*Registry, error) {
 	}
 	if opts.UserAgent == "" {
 		opts.UserAgent = "imagemesh"
+	}
+	if opts.TagPageSize <= 0 {
+		opts.TagPageSize = DefaultTagPageSize
 	}
 	for host, ep := range opts.Endpoints {
 		if ep.URL == nil || (ep.URL.Scheme != "http" && ep.URL.Scheme != "https") || ep.URL.Host == "" {
@@ -114,6 +132,13 @@ func NewRegistry(opts RegistryOptions) (*Registry, error) {
 }
 
 func (r *Registry) Name() string { return "upstream" }
+
+var (
+	_ Source    = (*Registry)(nil)
+	_ TagLister = (*Registry)(nil)
+	_ TagLister = (*Chain)(nil)
+	_ TagLister = (*ByRegistry)(nil)
+)
 
 // SetEndpoints replaces the endpoints set at run time (from the cluster's ImageSources), which take
 // precedence over the configured ones. Connections and tokens of the old endpoints are dropped.
@@ -231,6 +256,87 @@ func (r *Registry) Open(ctx context.Context, obj Object, offset int64) (*Content
 	return &Content{ReadCloser: resp.Body, Descriptor: desc, Source: r.Name()}, nil
 }
 
+// ListTags returns every tag of repo, page by page as the registry hands them out (`n` and the Link
+// header of the OCI distribution spec), or ErrNotFound if the registry does not know the repository.
+// Links are followed only on the endpoint's own scheme and host.
+func (r *Registry) ListTags(ctx context.Context, repo reference.Named) ([]string, error) {
+	target := repo.Name()
+	ep := r.endpoint(reference.Domain(repo))
+	first := *ep.URL
+	first.Path = "/v2/" + reference.Path(repo) + "/tags/list"
+	first.RawQuery = url.Values{"n": {strconv.Itoa(r.opts.TagPageSize)}}.Encode()
+	tags := []string{}
+	read := int64(0)
+	for page, next := 0, &first; next != nil; page++ {
+		if page == maxTagPages {
+			return nil, r.wrap("list tags of", target, fmt.Errorf("more than %d pages of tags", maxTagPages))
+		}
+		resp, err := r.send(ctx, "list", repo, ep, http.MethodGet, next, nil)
+		if err != nil {
+			return nil, r.wrap("list tags of", target, err)
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxTagListBytes-read+1))
+		_ = resp.Body.Close() // read, or failed to be
+		if err != nil {
+			return nil, r.wrap("list tags of", target, fmt.Errorf("%w: page %d: %w", ErrUnavailable, page+1, err))
+		}
+		if read += int64(len(body)); read > maxTagListBytes {
+			return nil, r.wrap("list tags of", target, fmt.Errorf("the list is larger than %d bytes", maxTagListBytes))
+		}
+		var list struct {
+			Tags []string `json:"tags"`
+		}
+		if err := json.Unmarshal(body, &list); err != nil {
+			return nil, r.wrap("list tags of", target, fmt.Errorf("page %d: %w", page+1, err))
+		}
+		tags = append(tags, list.Tags...)
+		if next, err = nextPage(resp, ep.URL); err != nil {
+			return nil, r.wrap("list tags of", target, err)
+		}
+	}
+	return tags, nil
+}
+
+// nextPage returns the URL of the next page that a Link header (`<url>; rel="next"`) names, resolved
+// against the request, or nil without one. It must stay on the endpoint's scheme and host: the
+// request carries the endpoint's credentials.
+func nextPage(resp *http.Response, endpoint *url.URL) (*url.URL, error) {
+	for _, link := range splitLinks(resp.Header.Values("Link")) {
+		target, params, ok := strings.Cut(link, ";")
+		target = strings.TrimSpace(target)
+		if !ok || !strings.Contains(strings.ReplaceAll(params, " ", ""), `rel="next"`) ||
+			!strings.HasPrefix(target, "<") || !strings.HasSuffix(target, ">") {
+			continue
+		}
+		u, err := url.Parse(strings.TrimSuffix(strings.TrimPrefix(target, "<"), ">"))
+		if err != nil {
+			return nil, fmt.Errorf("the Link header %q: %w", link, err)
+		}
+		u = resp.Request.URL.ResolveReference(u)
+		if u.Scheme != endpoint.Scheme || u.Host != endpoint.Host {
+			return nil, fmt.Errorf("the Link header %q leads away from %s", link, endpoint.Redacted())
+		}
+		return u, nil
+	}
+	return nil, nil
+}
+
+// splitLinks splits Link header values into links: one value may hold several, separated by commas
+// (`<a>; rel="prev", <b>; rel="next"`), and a URL may hold commas too.
+func splitLinks(values []string) []string {
+	var links []string
+	for _, v := range values {
+		for i, part := range strings.Split(v, ",") {
+			if i > 0 && !strings.HasPrefix(strings.TrimSpace(part), "<") {
+				links[len(links)-1] += "," + part
+				continue
+			}
+			links = append(links, strings.TrimSpace(part))
+		}
+	}
+	return links
+}
+
 func (r *Registry) wrap(op, target string, err error) error {
 	return &Error{Source: r.Name(), Op: op, Target: target, Err: err}
 }
@@ -245,23 +351,31 @@ func objectPath(obj Object) string {
 // do sends one request for repo, authenticated for pulling it, and turns error answers into errors:
 // 404 into ErrNotFound, failures of the network or the server into ErrUnavailable.
 func (r *Registry) do(ctx context.Context, op string, repo reference.Named, method, path string, hdr http.Header) (*http.Response, error) {
-	host := reference.Domain(repo)
-	ep := r.endpoint(host)
-	t, err := r.transport(ctx, host, reference.Path(repo), ep)
+	ep := r.endpoint(reference.Domain(repo))
+	u := *ep.URL
+	u.Path = "/v2/" + reference.Path(repo) + "/" + path
+	if strings.HasPrefix(path, "manifests/") {
+		hdr = hdr.Clone()
+		if hdr == nil {
+			hdr = http.Header{}
+		}
+		hdr.Set("Accept", strings.Join(ManifestMediaTypes, ", "))
+	}
+	return r.send(ctx, op, repo, ep, method, &u, hdr)
+}
+
+// send is do for a URL of the endpoint ep.
+func (r *Registry) send(ctx context.Context, op string, repo reference.Named, ep Endpoint, method string, u *url.URL, hdr http.Header) (*http.Response, error) {
+	t, err := r.transport(ctx, reference.Domain(repo), reference.Path(repo), ep)
 	if err != nil {
 		return nil, err
 	}
-	u := *ep.URL
-	u.Path = "/v2/" + reference.Path(repo) + "/" + path
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
 		return nil, err
 	}
 	for k, v := range hdr {
 		req.Header[k] = v
-	}
-	if strings.HasPrefix(path, "manifests/") {
-		req.Header.Set("Accept", strings.Join(ManifestMediaTypes, ", "))
 	}
 	start := time.Now()
 	resp, err := (&http.Client{Transport: t}).Do(req)

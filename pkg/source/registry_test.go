@@ -5,7 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
+	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
 	"github.com/imagemesh/imagemesh/pkg/source"
@@ -167,4 +173,94 @@ func TestRegistryTLS(t *testing.T) {
 			t.Fatalf("Resolve against an unknown CA = %v, want a certificate error", err)
 		}
 	})
+}
+
+// tagImage gives the image at ref (a registry on 127.0.0.1) more tags, with the real crane.
+func tagImage(t *testing.T, ref string, tags ...string) {
+	t.Helper()
+	for _, tag := range tags {
+		if out, err := exec.Command(testenv.Tool(t, "crane"), "tag", "--insecure", ref, tag).CombinedOutput(); err != nil {
+			t.Fatalf("crane tag %s %s: %v\n%s", ref, tag, err, out)
+		}
+	}
+}
+
+// TestRegistryListTags lists tags page by page, as the registry hands them out when asked for two at
+// a time, and refuses a Link that leads to another host.
+func TestRegistryListTags(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	f := fixture(t, reg, "", "")
+	want := []string{"2.0", "latest", "v1", "v1.1", "v2"}
+	tagImage(t, reg.Host+"/team/app:v1", "v2", "v1.1", "latest", "2.0")
+	u, _ := url.Parse(reg.URL)
+	metrics := prometheus.NewRegistry()
+	src, err := source.NewRegistry(source.RegistryOptions{
+		Endpoints: map[string]source.Endpoint{reg.Host: {URL: u}}, Keychain: noCredentials,
+		TagPageSize: 2, Registerer: metrics,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	tags, err := src.ListTags(ctx, f.Repo)
+	slices.Sort(tags)
+	if err != nil || !slices.Equal(tags, want) {
+		t.Fatalf("ListTags = %q, %v; want %q", tags, err, want)
+	}
+	if pages := histogramCount(t, metrics, "imagemesh_upstream_request_duration_seconds", "list"); pages != 3 {
+		t.Fatalf("%d list requests for 5 tags 2 at a time, want 3 pages", pages)
+	}
+
+	// A Link to another host would carry the endpoint's credentials there: refused.
+	away := httptest.NewServer(httputil.NewSingleHostReverseProxy(u))
+	defer away.Close()
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	proxy.ModifyResponse = func(resp *http.Response) error {
+		if l := resp.Header.Get("Link"); l != "" {
+			resp.Header.Set("Link", strings.Replace(l, "</v2/", "<"+away.URL+"/v2/", 1))
+		}
+		return nil
+	}
+	front := httptest.NewServer(proxy)
+	defer front.Close()
+	fu, _ := url.Parse(front.URL)
+	redirected, err := source.NewRegistry(source.RegistryOptions{
+		Endpoints: map[string]source.Endpoint{reg.Host: {URL: fu}}, Keychain: noCredentials, TagPageSize: 2,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tags, err := redirected.ListTags(ctx, f.Repo); err == nil || !strings.Contains(err.Error(), "leads away") {
+		t.Fatalf("ListTags with a Link to %s = %q, %v; want it refused", away.URL, tags, err)
+	}
+
+	reg.Stop(t)
+	if tags, err := src.ListTags(ctx, f.Repo); !errors.Is(err, source.ErrUnavailable) {
+		t.Fatalf("ListTags with the registry down = %q, %v; want ErrUnavailable", tags, err)
+	}
+}
+
+// histogramCount returns the number of observations of a histogram whose labels include value.
+func histogramCount(t *testing.T, g prometheus.Gatherer, name, value string) uint64 {
+	t.Helper()
+	families, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetValue() == value {
+					n += m.GetHistogram().GetSampleCount()
+				}
+			}
+		}
+	}
+	return n
 }

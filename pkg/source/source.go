@@ -71,6 +71,16 @@ type Source interface {
 	Open(ctx context.Context, obj Object, offset int64) (*Content, error)
 }
 
+// A TagLister lists the tags of a repository: `GET /v2/<name>/tags/list`. Sources implement it when
+// they can (the registry), apart from Source, which every source implements. A list of tags is as
+// trustworthy as whoever sent it, and nothing can check it, so only sources trusted with tags may
+// implement it; peers do not (sourcetest holds a source that must not resolve tags to that).
+type TagLister interface {
+	// ListTags returns every tag of repo, in no particular order, or ErrNotFound if the source knows
+	// no such repository.
+	ListTags(ctx context.Context, repo reference.Named) ([]string, error)
+}
+
 // Error wraps a failure with the source it came from.
 type Error struct {
 	Source string

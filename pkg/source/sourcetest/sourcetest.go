@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -71,6 +72,26 @@ func Run(t *testing.T, f Fixture) {
 		}
 		if _, err := src.Resolve(ctx(t), f.Repo, "no-such-tag"); !errors.Is(err, source.ErrNotFound) {
 			t.Fatalf("Resolve(no-such-tag) = %v, want ErrNotFound", err)
+		}
+	})
+	t.Run("ListTags", func(t *testing.T) {
+		lister, ok := src.(source.TagLister)
+		switch {
+		case ok && !f.ResolvesTags:
+			t.Fatal("source lists tags but must not resolve them: nobody could check its list")
+		case !ok:
+			t.Skip("source does not list tags")
+		}
+		tags, err := lister.ListTags(ctx(t), f.Repo)
+		if err != nil || !slices.Contains(tags, f.Tag) {
+			t.Fatalf("ListTags(%s) = %q, %v; want a list with %q", f.Repo, tags, err, f.Tag)
+		}
+		unknown, err := reference.ParseNormalizedNamed(f.Repo.Name() + "-no-such-repository")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tags, err := lister.ListTags(ctx(t), unknown); !errors.Is(err, source.ErrNotFound) {
+			t.Fatalf("ListTags(%s) = %q, %v; want ErrNotFound", unknown, tags, err)
 		}
 	})
 	t.Run("Stat", func(t *testing.T) {
