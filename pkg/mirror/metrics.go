@@ -19,7 +19,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_mirror_requests_total",
-			Help: "Pull API requests, by kind (manifest, blob), method, status code and the source that answered (local, upstream, ...).",
+			Help: "Pull API requests, by kind (manifest, blob, tags: a tag list), method, status code and the source that answered (local, upstream, ...).",
 		}, []string{"kind", "method", "code", "source"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_mirror_response_bytes_total",

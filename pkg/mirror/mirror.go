@@ -74,6 +74,7 @@ type Mirror struct {
 	limit     *sourceLimit
 	manifests singleflight.Group
 	resolves  singleflight.Group
+	tagLists  singleflight.Group
 	// registries, when set, are the only registries pulled from: opts.Registries, then SetRegistries.
 	registries atomic.Pointer[[]string]
 }
@@ -131,7 +132,8 @@ func (m *Mirror) src() source.Source { return m.source.Load().Source }
 // request is one parsed API request.
 type request struct {
 	repo reference.Named
-	kind string // "manifests", "blobs"
+	name string // the repository as the client named it in the path
+	kind string // "manifests", "blobs", "tags" (ref is "list")
 	ref  string
 }
 
@@ -179,7 +181,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.writeError(rw, 0, err)
 		return
 	}
-	kind = strings.TrimSuffix(req.kind, "s")
+	kind = kindLabel(req.kind)
 	if !m.local(req) {
 		release, ok := m.limit.acquire(clientAddr(r))
 		if !ok {
@@ -194,10 +196,26 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.serveManifest(rw, r, req)
 	case "blobs":
 		m.serveBlob(rw, r, req)
+	case "tags":
+		m.serveTagList(rw, r, req)
 	}
 }
 
-// parse turns /v2/<name>/(manifests|blobs)/<reference>?ns=<registry> into a request, or an API error.
+// kindLabel is the kind label of a request's metrics: manifest, blob or tags.
+func kindLabel(kind string) string {
+	switch kind {
+	case "manifests":
+		return "manifest"
+	case "blobs":
+		return "blob"
+	case "tags":
+		return "tags"
+	}
+	return "other"
+}
+
+// parse turns /v2/<name>/(manifests|blobs)/<reference>?ns=<registry> and /v2/<name>/tags/list into a
+// request, or an API error.
 // Only names that pass the reference grammar get through; they never become file paths.
 func (m *Mirror) parse(r *http.Request) (*request, error) {
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v2/"), "/")
@@ -206,10 +224,10 @@ func (m *Mirror) parse(r *http.Request) (*request, error) {
 	case n >= 3 && parts[n-2] == "blobs" && parts[n-1] == "uploads",
 		n >= 4 && parts[n-3] == "blobs" && parts[n-2] == "uploads":
 		return nil, errcode.ErrorCodeUnsupported.WithMessage("the mirror is pull-only: uploads are not accepted")
-	case n >= 3 && (parts[n-2] == "manifests" || parts[n-2] == "blobs"):
-	case n >= 3 && parts[n-2] == "tags" && parts[n-1] == "list",
-		n >= 3 && parts[n-2] == "referrers":
-		return nil, errcode.ErrorCodeUnsupported.WithMessage("the mirror serves manifests and blobs only; ask the registry")
+	case n >= 3 && (parts[n-2] == "manifests" || parts[n-2] == "blobs"),
+		n >= 3 && parts[n-2] == "tags" && parts[n-1] == "list":
+	case n >= 3 && parts[n-2] == "referrers":
+		return nil, errcode.ErrorCodeUnsupported.WithMessage("the mirror serves manifests, blobs and tag lists only; ask the registry")
 	default:
 		return nil, errcode.ErrorCodeNameUnknown.WithMessage("unknown API path")
 	}
@@ -229,7 +247,7 @@ func (m *Mirror) parse(r *http.Request) (*request, error) {
 	if ref == "" {
 		return nil, errcode.ErrorCodeNameUnknown.WithMessage("empty reference")
 	}
-	return &request{repo: repo, kind: kind, ref: ref}, nil
+	return &request{repo: repo, name: name, kind: kind, ref: ref}, nil
 }
 
 // SetRegistries replaces the registries the mirror pulls from (nil: any), as the cluster's

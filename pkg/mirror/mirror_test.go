@@ -271,7 +271,10 @@ func TestBadInput(t *testing.T) {
 		{"DELETE", "/v2/team/app/blobs/" + zero + "?ns=" + ns, 405, "UNSUPPORTED"},
 		{"GET", "/v2/team/app/blobs/uploads/123?ns=" + ns, 405, "UNSUPPORTED"},
 		{"GET", "/v2/../../../etc/passwd/blobs/" + zero, 400, "NAME_INVALID"},
-		{"GET", "/v2/team/app/tags/list?ns=" + ns, 405, "UNSUPPORTED"},
+		{"GET", "/v2/team/app/referrers/" + zero + "?ns=" + ns, 405, "UNSUPPORTED"},
+		{"GET", "/v2/team/app/tags/list?n=-1&ns=" + ns, 400, "PAGINATION_NUMBER_INVALID"},
+		{"GET", "/v2/team/app/tags/list?n=two&ns=" + ns, 400, "PAGINATION_NUMBER_INVALID"},
+		{"GET", "/v2/team/nope/tags/list?ns=" + ns, 404, "NAME_UNKNOWN"},
 	} {
 		req, _ := http.NewRequest(c.method, e.mirror.URL+c.path, nil)
 		req.URL.RawPath = "" // send the path as written, .. and all

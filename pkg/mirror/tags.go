@@ -1,19 +1,27 @@
 package mirror
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 
+	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/distribution/reference"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
 // tagAnswer is what a tag resolved to, and when.
@@ -110,4 +118,81 @@ func (c *tagCache) delete(name string) {
 func (m *Mirror) CachedTag(repo reference.Named, tag string) (ocispec.Descriptor, time.Time, bool) {
 	a, ok := m.tags.get(repo.Name() + ":" + tag)
 	return a.Descriptor, a.Resolved, ok
+}
+
+// serveTagList answers GET /v2/<name>/tags/list from the sources trusted with tags (the registry, and
+// when it cannot answer, the registry's Storj or IPFS sources that can list), never from peers, and
+// never from a cache: unlike a tag's digest, a list that is served stale cannot be checked by anyone.
+// The whole list is asked for once per request (requests for one repository at once share it), and
+// the pagination of the OCI distribution spec is applied to it here: the tags in lexical order, at
+// most n of them after last, and a Link header to the next page when some were left out.
+func (m *Mirror) serveTagList(w *responseWriter, r *http.Request, req *request) {
+	lister, ok := m.src().(source.TagLister)
+	if !ok {
+		m.writeError(w, 0, errcode.ErrorCodeUnsupported.WithMessage("tag listing is not configured on this mirror"))
+		return
+	}
+	q := r.URL.Query()
+	limit := -1
+	if s := q.Get("n"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 0 {
+			m.writeError(w, 0, errcode.ErrorCodePaginationNumberInvalid.WithMessage(fmt.Sprintf("invalid n %q", s)))
+			return
+		}
+		limit = n
+	}
+	last := q.Get("last")
+
+	ctx := r.Context()
+	v, err, _ := m.tagLists.Do(req.repo.Name(), func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
+		defer cancel()
+		tags, err := lister.ListTags(ctx, req.repo)
+		if err != nil {
+			return nil, err
+		}
+		slices.Sort(tags)
+		return slices.Compact(tags), nil
+	})
+	if err != nil {
+		m.fail(w, err, errcode.ErrorCodeNameUnknown)
+		return
+	}
+	tags := v.([]string) // shared: sliced, never changed
+	if tags == nil {
+		tags = []string{} // "tags": [], not null
+	}
+	w.source = "upstream"
+	if last != "" {
+		i, found := slices.BinarySearch(tags, last)
+		if found {
+			i++
+		}
+		tags = tags[i:]
+	}
+	if limit >= 0 && len(tags) > limit {
+		tags = tags[:limit]
+		if limit > 0 {
+			next := url.Values{"n": {strconv.Itoa(limit)}, "last": {tags[len(tags)-1]}}
+			if ns := q.Get("ns"); ns != "" {
+				next.Set("ns", ns)
+			}
+			w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.EscapedPath(), next.Encode()))
+		}
+	}
+	body, err := json.Marshal(struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}{req.name, tags})
+	if err != nil {
+		m.writeError(w, 0, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(body) // a client gone midway is no error of ours
+	}
 }
