@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need and prints the directory of the built tools:
-#   - Debian packages: containerd (1.6), runc, skopeo, iproute2 (ip, tc), curl, gcc, postgresql, etcd,
-#     CNI plugins, iptables, conntrack, ca-certificates (the bundle `make images` puts into the images)
+#   - Debian packages: containerd (1.6), runc, skopeo, docker.io (dockerd 20.10 and the docker CLI),
+#     iproute2 (ip, tc), curl, gcc, postgresql, etcd, CNI plugins, iptables, conntrack,
+#     ca-certificates (the bundle `make images` puts into the images)
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x (and its runc shim), Kubernetes (kube-apiserver, kubelet and the
 #     rest of a cluster), helm, controller-gen, kubo, and a testplanet
@@ -14,6 +15,9 @@ missing=()
 command -v containerd >/dev/null || missing+=(containerd)
 command -v runc >/dev/null || missing+=(runc)
 command -v skopeo >/dev/null || missing+=(skopeo)
+# Docker Engine, for the tests of the agent as Docker's registry mirror. The tests run dockerd on their
+# own dirs and socket; where an init system lets the package start its own docker service, it does.
+command -v dockerd >/dev/null || missing+=(docker.io)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)

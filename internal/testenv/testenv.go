@@ -1,6 +1,7 @@
 // Package testenv starts the real components that imagemesh's tests run against: the distribution
-// registry, crane, skopeo and containerd (1.6 and 2.x). It finds their binaries in $IMAGEMESH_TOOLS,
-// then in ~/.cache/imagemesh/tools/bin (where `make test-deps` builds them), then on PATH.
+// registry, crane, skopeo, containerd (1.6 and 2.x) and Docker Engine (dockerd). It finds their
+// binaries in $IMAGEMESH_TOOLS, then in ~/.cache/imagemesh/tools/bin (where `make test-deps` builds
+// them), then on PATH.
 //
 // A missing component skips the test on a developer's machine and fails it under CI=true: CI must
 // never pass because it quietly tested nothing.

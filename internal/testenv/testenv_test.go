@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -135,5 +136,37 @@ func writeHostsTOML(t *testing.T, hostsDir, host, server string) {
 	}
 	if err := os.WriteFile(filepath.Join(hostsDir, host, "hosts.toml"), []byte(body), 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDockerdPullsFromRegistry proves the dockerd harness: it pulls an image from a registry on
+// loopback (insecure, as 127.0.0.0/8 is to dockerd) with every layer, and cannot reach Docker Hub.
+func TestDockerdPullsFromRegistry(t *testing.T) {
+	reg := StartRegistry(t)
+	ref := reg.Host + "/harness/app:v1"
+	want := PushImage(t, ref, Layer{Size: 100 << 10}, Layer{Size: 200 << 10})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	d := StartDockerd(t, DockerdOptions{})
+	if out, err := d.Pull(ctx, ref); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	img, err := d.Image(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(img.RootFS.Layers) != 2 || !slices.Contains(img.RepoDigests, reg.Host+"/harness/app@"+want.String()) {
+		t.Fatalf("pulled image %+v, want 2 layers and the digest %s", img, want)
+	}
+	if d.OutsideAttempts() != 0 {
+		t.Fatalf("dockerd tried to reach outside the machine %d times for a pull from loopback", d.OutsideAttempts())
+	}
+	// Docker Hub is out of reach: the pull fails at the refusing proxy, which counts it.
+	if out, err := d.Pull(ctx, "docker.io/library/imagemesh-harness-absent:v1"); err == nil {
+		t.Fatalf("a pull from Docker Hub succeeded:\n%s", out)
+	}
+	if d.OutsideAttempts() == 0 {
+		t.Fatal("a pull from Docker Hub did not go to the refusing proxy")
 	}
 }
