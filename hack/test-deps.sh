@@ -2,7 +2,7 @@
 # Installs what the tests need and prints the directory of the built tools:
 #   - Debian packages: containerd (1.6), runc, skopeo, docker.io (dockerd 20.10 and the docker CLI),
 #     iproute2 (ip, tc), curl, gcc, postgresql, etcd, CNI plugins, iptables, conntrack,
-#     ca-certificates (the bundle `make images` puts into the images)
+#     ca-certificates (the bundle `make images` puts into the images), chromium (the status page)
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x (and its runc shim), Kubernetes (kube-apiserver, kubelet and the
 #     rest of a cluster), helm, controller-gen, kubo, and a testplanet
@@ -18,6 +18,8 @@ command -v skopeo >/dev/null || missing+=(skopeo)
 # Docker Engine, for the tests of the agent as Docker's registry mirror. The tests run dockerd on their
 # own dirs and socket; where an init system lets the package start its own docker service, it does.
 command -v dockerd >/dev/null || missing+=(docker.io)
+# Headless Chromium loads the agent's status page.
+command -v chromium >/dev/null || missing+=(chromium)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
