@@ -52,12 +52,14 @@ test: test-deps check
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) $(GO) test -race -count=1 -timeout 30m -skip '$(RACE_EXCLUDED)' $(TESTFLAGS) ./...
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) $(GO) test -count=1 -timeout 20m -run '$(RACE_EXCLUDED)' $(TESTFLAGS) ./pkg/storage/driver/storj/
 
-# Deepcopy, the CRD and the controller's RBAC, from the kubebuilder markers.
+# Deepcopy, the CRD and the controller's RBAC, from the kubebuilder markers; the chart's README from
+# README.md.gotmpl and the comments in values.yaml (helm-docs; TestChartREADMEIsGenerated checks it).
 generate:
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen object paths=./api/...
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen crd paths=./api/... output:crd:artifacts:config=config/crd/bases
 	cp config/crd/bases/*.yaml charts/imagemesh/crds/
 	$$(hack/tools/build.sh controller-gen | tail -n 1)/controller-gen rbac:roleName=imagemesh-controller paths=./internal/controller/... output:rbac:artifacts:config=config/rbac
+	cd charts/imagemesh && $$(../../hack/tools/build.sh helm-docs | tail -n 1)/helm-docs --chart-search-root . --sort-values-order file --skip-version-footer
 
 bench: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/bench.sh

@@ -42,7 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kubernetes helm controller-gen kubo storj-planet oci-conformance)
+tools=(registry crane containerd2 kubernetes helm controller-gen kubo storj-planet oci-conformance golangci-lint helm-docs)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.

@@ -264,3 +264,42 @@ func TestChartRBACMatchesGenerated(t *testing.T) {
 		}
 	}
 }
+
+// helmDocsFlags are the flags `make generate` runs helm-docs with: values in the file's order, and no
+// footer that names the helm-docs version.
+var helmDocsFlags = []string{"--sort-values-order", "file", "--skip-version-footer"}
+
+// TestChartREADMEIsGenerated runs helm-docs on the chart and compares its output with the README: a
+// value added, renamed or described anew in values.yaml without `make generate` fails here, and so
+// does a value with no `# --` comment, which would leave its row empty.
+func TestChartREADMEIsGenerated(t *testing.T) {
+	cmd := exec.Command(testenv.Tool(t, "helm-docs"), append([]string{"--chart-search-root", ".", "--dry-run", "--log-level", "error"}, helmDocsFlags...)...)
+	cmd.Dir = chartDir
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	want, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helm-docs: %v\n%s", err, stderr.String())
+	}
+	got, err := os.ReadFile(filepath.Join(chartDir, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(bytes.TrimSpace(got), bytes.TrimSpace(want)) {
+		t.Errorf("charts/imagemesh/README.md is not what helm-docs makes of README.md.gotmpl and values.yaml; run `make generate`")
+	}
+	rows := 0
+	for _, line := range strings.Split(string(want), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) != 6 || strings.TrimSpace(cells[1]) == "Key" || strings.HasPrefix(strings.TrimSpace(cells[1]), "---") {
+			continue
+		}
+		rows++
+		if strings.TrimSpace(cells[4]) == "" {
+			t.Errorf("value %s has no description: give it a `# --` comment in values.yaml", strings.TrimSpace(cells[1]))
+		}
+	}
+	if rows < 30 {
+		t.Errorf("the values table has %d rows; the template lost it?", rows)
+	}
+}
