@@ -31,7 +31,7 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 		m.fail(w, err, errcode.ErrorCodeBlobUnknown)
 		return
 	}
-	defer rd.Close()
+	defer func() { _ = rd.Close() }() // a reader's Close only releases it
 	w.source = rd.Source()
 	writeBlobHeaders(w, d)
 	if f := rd.File(); f != nil {
@@ -69,7 +69,7 @@ func (m *Mirror) abort(req *request, d digest.Digest, err error) {
 }
 
 func (m *Mirror) headBlob(w *responseWriter, r *http.Request, obj source.Object) {
-	size := int64(-1)
+	var size int64
 	if info, err := m.store.Stat(obj.Digest); err == nil {
 		size, w.source = info.Size, "local"
 	} else if src, sz, ok := m.store.Fetching(obj.Digest); ok && sz >= 0 {

@@ -110,7 +110,7 @@ func (m *Mirror) serveManifest(w *responseWriter, r *http.Request, req *request)
 	writeManifestHeaders(w, mt, d, int64(len(body)))
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodGet {
-		w.Write(body)
+		_, _ = w.Write(body) // a client that went away is no error of ours
 	}
 }
 
@@ -177,7 +177,7 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 		if err != nil {
 			return nil, err
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }() // read whole below; a failed read is the error
 		if c.Descriptor.Size > source.MaxManifestSize {
 			return nil, fmt.Errorf("%w: manifest %s from %s is %d bytes, over the %d byte limit",
 				errBadManifest, d, c.Source, c.Descriptor.Size, source.MaxManifestSize)

@@ -87,7 +87,7 @@ func (m *Mirror) fetchWhole(ctx context.Context, obj source.Object) error {
 	if err != nil {
 		return err
 	}
-	defer rd.Close()
+	defer func() { _ = rd.Close() }() // a reader's Close only releases it
 	_, err = rd.WriteTo(io.Discard)
 	return err
 }

@@ -97,9 +97,10 @@ func (c *tagCache) put(name string, desc ocispec.Descriptor) error {
 		err = os.Rename(tmp.Name(), c.file(name))
 	}
 	if err != nil {
-		os.Remove(tmp.Name())
+		// A leftover temp file is never read as an answer (they are named apart).
+		return errors.Join(err, os.Remove(tmp.Name()))
 	}
-	return err
+	return nil
 }
 
 func (c *tagCache) delete(name string) {

@@ -37,8 +37,10 @@ func (b *ByRegistry) chain(repo reference.Named) *Chain {
 	return NewChain(links...)
 }
 
+// Name labels the source in metrics and logs.
 func (b *ByRegistry) Name() string { return "decentralized" }
 
+// Resolve asks the sources of the repository's registry, in order.
 func (b *ByRegistry) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
 	return b.chain(repo).Resolve(ctx, repo, tag)
 }
@@ -49,10 +51,12 @@ func (b *ByRegistry) ListTags(ctx context.Context, repo reference.Named) ([]stri
 	return b.chain(repo).ListTags(ctx, repo)
 }
 
+// Stat asks the sources of the object's registry, in order.
 func (b *ByRegistry) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	return b.chain(obj.Repo).Stat(ctx, obj)
 }
 
+// Open asks the sources of the object's registry, in order.
 func (b *ByRegistry) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
 	return b.chain(obj.Repo).Open(ctx, obj, offset)
 }

@@ -27,6 +27,7 @@ type Chain struct {
 // NewChain returns a chain of the given links, asked in that order.
 func NewChain(links ...Link) *Chain { return &Chain{links: links} }
 
+// Name labels the source in metrics and logs; the answers name the link that gave them.
 func (c *Chain) Name() string { return "chain" }
 
 // Resolve asks the sources trusted with tags, then the fallbacks. It returns ErrNotFound only if every one of them said
@@ -73,6 +74,7 @@ func (c *Chain) ListTags(ctx context.Context, repo reference.Named) ([]string, e
 	return nil, joinErrors(errs)
 }
 
+// Stat asks the links in order until one knows the object.
 func (c *Chain) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	var errs []error
 	for _, l := range c.links {
@@ -85,6 +87,7 @@ func (c *Chain) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error
 	return ocispec.Descriptor{}, joinErrors(errs)
 }
 
+// Open asks the links in order until one opens the object.
 func (c *Chain) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
 	var errs []error
 	for _, l := range c.links {

@@ -131,6 +131,7 @@ func NewRegistry(opts RegistryOptions) (*Registry, error) {
 	return r, nil
 }
 
+// Name labels the source in metrics and logs.
 func (r *Registry) Name() string { return "upstream" }
 
 var (
@@ -171,13 +172,14 @@ func (r *Registry) endpoint(host string) Endpoint {
 	return Endpoint{URL: &url.URL{Scheme: "https", Host: host}}
 }
 
+// Resolve asks the registry for the tag with HEAD, and with GET when the answer has no digest.
 func (r *Registry) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
 	target := repo.Name() + ":" + tag
 	resp, err := r.do(ctx, "resolve", repo, http.MethodHead, "manifests/"+tag, nil)
 	if err != nil {
 		return ocispec.Descriptor{}, r.wrap("resolve", target, err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close() // a HEAD answer has no body
 	desc, err := manifestDescriptor(resp)
 	if err != nil {
 		return ocispec.Descriptor{}, r.wrap("resolve", target, err)
@@ -190,7 +192,7 @@ func (r *Registry) Resolve(ctx context.Context, repo reference.Named, tag string
 	if err != nil {
 		return ocispec.Descriptor{}, r.wrap("resolve", target, err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }() // read below; a failed read is the error
 	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestSize+1))
 	if err != nil {
 		return ocispec.Descriptor{}, r.wrap("resolve", target, fmt.Errorf("%w: %w", ErrUnavailable, err))
@@ -206,12 +208,13 @@ func (r *Registry) Resolve(ctx context.Context, repo reference.Named, tag string
 	return desc, nil
 }
 
+// Stat asks the registry for the object with HEAD.
 func (r *Registry) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	resp, err := r.do(ctx, "stat", obj.Repo, http.MethodHead, objectPath(obj), nil)
 	if err != nil {
 		return ocispec.Descriptor{}, r.wrap("stat", obj.String(), err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close() // a HEAD answer has no body
 	if resp.ContentLength < 0 {
 		return ocispec.Descriptor{}, r.wrap("stat", obj.String(), errors.New("no Content-Length in the answer"))
 	}
@@ -219,6 +222,7 @@ func (r *Registry) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, er
 	return desc, nil
 }
 
+// Open GETs the object from offset, with a Range request, or by skipping when Range is ignored.
 func (r *Registry) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
 	var hdr http.Header
 	if offset > 0 {
@@ -233,7 +237,7 @@ func (r *Registry) Open(ctx context.Context, obj Object, offset int64) (*Content
 	case http.StatusPartialContent:
 		start, total, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil || start != offset {
-			resp.Body.Close()
+			_ = resp.Body.Close() // refused unread
 			return nil, r.wrap("open", obj.String(), fmt.Errorf("asked for bytes from %d, got Content-Range %q", offset, resp.Header.Get("Content-Range")))
 		}
 		desc.Size = total
@@ -241,14 +245,14 @@ func (r *Registry) Open(ctx context.Context, obj Object, offset int64) (*Content
 		// A manifest is read whole and capped by the reader; a blob's size is what every waiting
 		// client is told up front, so it must be known.
 		if resp.ContentLength < 0 && obj.Kind != KindManifest {
-			resp.Body.Close()
+			_ = resp.Body.Close() // refused unread
 			return nil, r.wrap("open", obj.String(), errors.New("no Content-Length in the answer"))
 		}
 		desc.Size = resp.ContentLength
 		if offset > 0 {
 			// The server ignored Range: skip what we have.
 			if _, err := io.CopyN(io.Discard, resp.Body, offset); err != nil {
-				resp.Body.Close()
+				_ = resp.Body.Close() // the read failed already
 				return nil, r.wrap("open", obj.String(), fmt.Errorf("%w: skip to %d: %w", ErrUnavailable, offset, err))
 			}
 		}
@@ -387,7 +391,7 @@ func (r *Registry) send(ctx context.Context, op string, repo reference.Named, ep
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent {
 		return resp, nil
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }() // CheckError reads the error body
 	err = transport.CheckError(resp, http.StatusOK, http.StatusPartialContent)
 	switch {
 	case resp.StatusCode == http.StatusNotFound:

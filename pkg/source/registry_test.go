@@ -41,7 +41,7 @@ func fixture(t *testing.T, reg *testenv.Registry, user, password string) sourcet
 	if err != nil {
 		t.Fatal(err)
 	}
-	var auth authn.Authenticator = authn.Anonymous
+	auth := authn.Anonymous
 	if user != "" {
 		auth = &authn.Basic{Username: user, Password: password}
 	}

@@ -21,6 +21,7 @@ var ErrNotFound = errors.New("not found")
 // Kind says whether a digest names a manifest or a blob: registries serve them under different paths.
 type Kind uint8
 
+// The kinds of object.
 const (
 	KindBlob Kind = iota
 	KindManifest

@@ -5,6 +5,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
@@ -115,7 +116,9 @@ func (a *agent) Stop() {
 	if a.cmd == nil || a.cmd.Process == nil {
 		return
 	}
-	a.cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		a.t.Errorf("SIGTERM node-agent: %v", err)
+	}
 	done := make(chan error, 1)
 	go func() { done <- a.cmd.Wait() }()
 	select {
@@ -124,11 +127,35 @@ func (a *agent) Stop() {
 			a.t.Errorf("node-agent did not exit cleanly on SIGTERM: %v", err)
 		}
 	case <-time.After(30 * time.Second):
-		a.cmd.Process.Kill()
-		<-done
-		a.t.Errorf("node-agent did not exit within 30s of SIGTERM")
+		_ = a.cmd.Process.Kill()
+		a.t.Errorf("node-agent did not exit within 30s of SIGTERM; killed: %v", <-done)
 	}
 	a.cmd = nil
+}
+
+// mustWrite writes a file the test needs.
+func mustWrite(t testing.TB, path string, data []byte, perm os.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, data, perm); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// randomFile writes size random bytes to a new file in a temp dir and returns its path.
+func randomFile(t testing.TB, name string, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(f, rand.Reader, size); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 // Kill sends SIGKILL: no chance to clean up.
@@ -168,7 +195,9 @@ func scrape(t testing.TB, url, name string, labels ...string) float64 {
 			continue
 		}
 		var v float64
-		fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%g", &v)
+		if _, err := fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%g", &v); err != nil {
+			t.Fatalf("metric line %q: %v", line, err)
+		}
 		sum += v
 	}
 	return sum

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"crypto/rand"
 	"io"
 	"net/http"
 	"os"
@@ -26,10 +25,7 @@ import (
 func BenchmarkIPFS(b *testing.B) {
 	const rounds = 3
 	newLayer := func() (string, digest.Digest) {
-		file := filepath.Join(b.TempDir(), "layer")
-		f, _ := os.Create(file)
-		io.CopyN(f, rand.Reader, benchLayer)
-		f.Close()
+		file := randomFile(b, "layer", benchLayer)
 		return file, digestFile(b, file)
 	}
 	a := testenv.StartKubo(b)
@@ -123,7 +119,9 @@ func coldAgentRead(b *testing.B, config string, d digest.Digest) time.Duration {
 
 // dropCaches empties the page cache, if it can.
 func dropCaches(b testing.TB) {
-	exec.Command("sync").Run()
+	if out, err := exec.Command("sync").CombinedOutput(); err != nil {
+		b.Logf("sync: %v %s", err, out)
+	}
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("1\n"), 0o200); err != nil {
 		b.Logf("page cache not dropped: %v", err)
 	}

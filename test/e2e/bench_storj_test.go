@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"crypto/rand"
 	"io"
 	"os"
 	"path/filepath"
@@ -25,10 +24,7 @@ func BenchmarkStorj(b *testing.B) {
 	project := network.Project(b)
 	ctx := context.Background()
 	newLayer := func() (string, digest.Digest) {
-		file := filepath.Join(b.TempDir(), "layer")
-		f, _ := os.Create(file)
-		io.CopyN(f, rand.Reader, benchLayer)
-		f.Close()
+		file := randomFile(b, "layer", benchLayer)
 		return file, digestFile(b, file)
 	}
 	upload := func(file, key string) {
@@ -96,10 +92,7 @@ func BenchmarkStorj(b *testing.B) {
 	b.ReportMetric(up.Seconds()/push.Seconds(), "push/upload")
 	b.ReportMetric(float64(peakRSS(b, gwProc.Pid))/(1<<20), "gateway-peak-RSS-MiB")
 	// A layer four times larger leaves the gateway's peak where it was: layers stream through.
-	big := filepath.Join(b.TempDir(), "big")
-	f, _ := os.Create(big)
-	io.CopyN(f, rand.Reader, 4*benchLayer)
-	f.Close()
+	big := randomFile(b, "big", 4*benchLayer)
 	pushBlob(b, gw, "bench/bigger", big, digestFile(b, big))
 	os.Remove(big)
 	b.ReportMetric(float64(peakRSS(b, gwProc.Pid))/(1<<20), "gateway-peak-RSS-after-1GiB-MiB")
@@ -107,7 +100,7 @@ func BenchmarkStorj(b *testing.B) {
 	// Reads: the last pushed layer, by a fresh agent each round, against uplink downloads of the
 	// plain object.
 	config := filepath.Join(b.TempDir(), "agent.yaml")
-	os.WriteFile(config, []byte("upstreams:\n  - host: example.test\n    sources:\n      - {type: Storj, bucket: images, prefix: registry, accessFile: "+access+"}\n"), 0o644)
+	mustWrite(b, config, []byte("upstreams:\n  - host: example.test\n    sources:\n      - {type: Storj, bucket: images, prefix: registry, accessFile: "+access+"}\n"), 0o644)
 	var reads, downloads, downloadFiles []time.Duration
 	for i := 0; i < rounds; i++ {
 		dropCaches(b)

@@ -117,7 +117,9 @@ func benchColdPull(b *testing.B, img *benchImage, upstream string) {
 		if err != nil || resp.StatusCode != http.StatusOK {
 			b.Fatalf("manifest from %s: %v %v", base, resp, err)
 		}
-		io.Copy(io.Discard, resp.Body)
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			b.Fatalf("manifest from %s: %v", base, err)
+		}
 		resp.Body.Close()
 		pullBlob(b, base+"/v2/bench/big/blobs/"+img.config.Digest.String()+ns, img.config.Size)
 		pullBlob(b, base+"/v2/bench/big/blobs/"+img.layer.Digest.String()+ns, img.layer.Size)
@@ -190,7 +192,9 @@ func peakRSS(b *testing.B, pid int) int64 {
 	for sc.Scan() {
 		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
 			var kb int64
-			fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb)
+			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kb); err != nil {
+				b.Fatalf("VmHWM %q: %v", rest, err)
+			}
 			return kb << 10
 		}
 	}

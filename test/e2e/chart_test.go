@@ -85,7 +85,7 @@ func TestHelmChart(t *testing.T) {
 					key, _, _ := unstructured.NestedString(o.Object, "data", "swarm.key")
 					raw, _ := base64.StdEncoding.DecodeString(key)
 					p := filepath.Join(t.TempDir(), "swarm.key")
-					os.WriteFile(p, raw, 0o600)
+					mustWrite(t, p, raw, 0o600)
 					if _, err := peering.LoadPSK(p); err != nil {
 						t.Fatalf("generated peering key: %v", err)
 					}

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -20,13 +19,13 @@ func TestConfigFileAndCredentials(t *testing.T) {
 	reg := testenv.StartRegistry(t, testenv.WithTokenAuth(user, password, &tokens))
 	t.Setenv("DOCKER_CONFIG", reg.DockerConfig(t, user, password)) // crane's push
 	want := testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 256 << 10})
-	os.Unsetenv("DOCKER_CONFIG") // the agent must get its credentials from its own config
+	t.Setenv("DOCKER_CONFIG", t.TempDir()) // the agent must get its credentials from its own config
 
 	dir := t.TempDir()
 	pwFile := filepath.Join(dir, "password")
-	os.WriteFile(pwFile, []byte(password+"\n"), 0o600)
+	mustWrite(t, pwFile, []byte(password+"\n"), 0o600)
 	config := filepath.Join(dir, "agent.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf(`
+	mustWrite(t, config, []byte(fmt.Sprintf(`
 defaultRegistry: example.test
 tagTTL: 5m
 log: {level: info, format: json}
@@ -67,7 +66,7 @@ func TestBadConfigIsRefused(t *testing.T) {
 		"bad host":     "defaultRegistry: 'Bad_Host'\n",
 	} {
 		config := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".yaml")
-		os.WriteFile(config, []byte(body), 0o644)
+		mustWrite(t, config, []byte(body), 0o644)
 		out, err := exec.Command(agentBin, "--config", config, "--data-dir", filepath.Join(dir, "data")).CombinedOutput()
 		if err == nil {
 			t.Errorf("%s: agent started with %q", name, body)

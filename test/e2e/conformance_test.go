@@ -36,7 +36,7 @@ func conformance(t *testing.T, host string) (passed, failed []string) {
 	dec := xml.NewDecoder(f)
 	for {
 		tok, err := dec.Token()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		} else if err != nil {
 			t.Fatalf("junit.xml: %v", err)

@@ -95,7 +95,7 @@ func TestMultiNodeCluster(t *testing.T) {
 		}
 		// Every node's hosts.toml for the registry is the agent's, pointing at its own node.
 		for i := 1; i <= c.Nodes; i++ {
-			b, err := os.ReadFile(filepath.Join(c.NodeRoot(i), "etc/containerd/certs.d", m.upstream.Host, "hosts.toml"))
+			b, err := os.ReadFile(filepath.Join(c.NodeRoot(i), "etc", "containerd", "certs.d", m.upstream.Host, "hosts.toml"))
 			if err != nil {
 				t.Fatalf("node%d: %v", i, err)
 			}
@@ -104,7 +104,7 @@ func TestMultiNodeCluster(t *testing.T) {
 				t.Errorf("node%d's hosts.toml for %s is not the agent's, or does not name %s:\n%s", i, m.upstream.Host, mirror, b)
 			}
 			// The operator's own hosts.toml files are left alone.
-			b, err = os.ReadFile(filepath.Join(c.NodeRoot(i), "etc/containerd/certs.d/ghcr.io/hosts.toml"))
+			b, err = os.ReadFile(filepath.Join(c.NodeRoot(i), "etc", "containerd", "certs.d", "ghcr.io", "hosts.toml"))
 			if err != nil || strings.HasPrefix(string(b), hostconfig.Marker) || !strings.Contains(string(b), c.Registry) {
 				t.Errorf("node%d: the operator's hosts.toml for ghcr.io changed: %v\n%s", i, err, b)
 			}
@@ -118,7 +118,7 @@ func TestMultiNodeCluster(t *testing.T) {
 		m.update(t, source, func(is *imagemeshv1alpha1.ImageSource) { is.Spec.Prefetch = []string{ref} })
 		for i := 1; i <= c.Nodes; i++ {
 			for _, l := range layers {
-				blob := filepath.Join(c.NodeRoot(i), "var/lib/imagemesh/content/blobs/sha256", l.Encoded())
+				blob := filepath.Join(c.NodeRoot(i), "var", "lib", "imagemesh", "content", "blobs", "sha256", l.Encoded())
 				waitUntil(t, 2*time.Minute, fmt.Sprintf("node%d holds prefetched layer %s", i, l), func() bool {
 					_, err := os.Stat(blob)
 					return err == nil
@@ -248,7 +248,7 @@ func TestMultiNodeCluster(t *testing.T) {
 	t.Run("Uninstall", func(t *testing.T) {
 		helm(t, c, "uninstall", meshRelease, "--namespace", meshNamespace, "--wait", "--timeout", "3m")
 		for i := 1; i <= c.Nodes; i++ {
-			dir := filepath.Join(c.NodeRoot(i), "etc/containerd/certs.d")
+			dir := filepath.Join(c.NodeRoot(i), "etc", "containerd", "certs.d")
 			waitUntil(t, time.Minute, fmt.Sprintf("node%d has no hosts.toml of the agent's", i), func() bool {
 				files, _ := filepath.Glob(filepath.Join(dir, "*", "hosts.toml"))
 				for _, f := range files {
@@ -262,7 +262,7 @@ func TestMultiNodeCluster(t *testing.T) {
 		// The nodes pull straight from the registry again: here, with the operator's own hosts.toml
 		// for it (a plain-HTTP registry), as before the chart came.
 		for i := 1; i <= c.Nodes; i++ {
-			dir := filepath.Join(c.NodeRoot(i), "etc/containerd/certs.d", m.upstream.Host)
+			dir := filepath.Join(c.NodeRoot(i), "etc", "containerd", "certs.d", m.upstream.Host)
 			if err := os.MkdirAll(dir, 0o755); err != nil {
 				t.Fatal(err)
 			}
