@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -23,10 +24,19 @@ type Fetched struct {
 	// before the whole blob has verified, so that a bad source costs a retry, never a broken pull; other
 	// untrusted readers (peers, which verify for themselves) get them as they arrive.
 	Untrusted bool
-	// Reject, if set, is told when the blob failed verification with bytes from this answer in it.
-	// The fetch then starts again from the first untrusted byte.
+	// Reject, if set, is told when the blob failed verification with bytes from this answer in it
+	// (ErrDigestMismatch; the fetch then starts again from the first untrusted byte), or when this
+	// answer was cut off for being too slow (ErrTooSlow; the fetch resumes from the byte reached).
 	Reject func(err error)
 }
+
+// ErrTooSlow is the cause of a fetch attempt cut off because its source stalled or sent too little
+// (Options.StallTimeout, Options.MinRate). The source's Reject hears it, so that it can send the
+// next attempt elsewhere.
+var ErrTooSlow = errors.New("source too slow")
+
+// ErrAbandoned ends a fetch that no client waited for any more (Options.AbandonAfter).
+var ErrAbandoned = errors.New("fetch abandoned: no client waits for it")
 
 // FetchFunc opens a blob at offset. The store calls it again, with the offset it has reached, when an
 // attempt breaks off, so that one fetch can resume on another source.
@@ -38,7 +48,7 @@ type FetchFunc func(ctx context.Context, offset int64) (*Fetched, error)
 // whole blob has been verified and committed, so a client never receives a corrupt blob in full.
 //
 // Fetch returns when the size of the blob is known; ctx bounds only that wait. The fetch itself runs
-// until it ends, or the store is closed, whether readers stay or not: the blob is wanted.
+// until it ends, or the store is closed, or no client has waited for it for Options.AbandonAfter.
 func (s *Store) Fetch(ctx context.Context, d digest.Digest, fetch FetchFunc) (*Reader, error) {
 	if _, err := s.path(d); err != nil {
 		return nil, err
@@ -117,8 +127,16 @@ type ingestion struct {
 	file     *os.File
 	digester digest.Digester
 
-	mu        sync.Mutex
-	cond      *sync.Cond
+	// ctx ends the fetch: the store closing, or the fetch abandoned.
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	mu   sync.Mutex
+	cond *sync.Cond
+	// refs counts the clients of the fetch: readers not closed, and callers waiting for one. When it
+	// drops to zero, abandon is armed.
+	refs      int
+	abandon   *time.Timer
 	sized     chan struct{} // closed once size is known or the fetch failed
 	size      int64
 	source    string
@@ -145,6 +163,7 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 		return nil, fmt.Errorf("fetch %s: %w", d, err)
 	}
 	ing := &ingestion{s: s, d: d, fetch: fetch, file: f, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1}
+	ing.ctx, ing.cancel = context.WithCancelCause(s.ctx)
 	ing.cond = sync.NewCond(&ing.mu)
 	s.fetching[d] = ing
 	s.metrics.inflight.Inc()
@@ -153,7 +172,44 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	return ing, nil
 }
 
-func (ing *ingestion) reader(ctx context.Context, untrusted bool) (*Reader, error) {
+// hold counts a client of the fetch; release uncounts it, and arms the abandonment of a fetch that
+// has none left.
+func (ing *ingestion) hold() {
+	ing.mu.Lock()
+	ing.refs++
+	if ing.abandon != nil {
+		ing.abandon.Stop()
+		ing.abandon = nil
+	}
+	ing.mu.Unlock()
+}
+
+func (ing *ingestion) release() {
+	ing.mu.Lock()
+	defer ing.mu.Unlock()
+	ing.refs--
+	if ing.refs > 0 || ing.committed || ing.err != nil {
+		return
+	}
+	var t *time.Timer
+	t = time.AfterFunc(ing.s.opts.AbandonAfter, func() {
+		ing.mu.Lock()
+		still := ing.abandon == t
+		ing.mu.Unlock()
+		if still {
+			ing.cancel(fmt.Errorf("fetch %s: nobody waited for it for %s: %w", ing.d, ing.s.opts.AbandonAfter, ErrAbandoned))
+		}
+	})
+	ing.abandon = t
+}
+
+func (ing *ingestion) reader(ctx context.Context, untrusted bool) (rd *Reader, err error) {
+	ing.hold()
+	defer func() {
+		if err != nil {
+			ing.release()
+		}
+	}()
 	select {
 	case <-ing.sized:
 	case <-ctx.Done():
@@ -180,6 +236,7 @@ func (ing *ingestion) reader(ctx context.Context, untrusted bool) (*Reader, erro
 			if err != nil {
 				return nil, err
 			}
+			defer ing.release() // the reader reads the committed file; the fetch is over
 			return &Reader{f: f, size: size, source: "local"}, nil
 		}
 		if ing.err != nil {
@@ -187,13 +244,14 @@ func (ing *ingestion) reader(ctx context.Context, untrusted bool) (*Reader, erro
 		}
 		return nil, fmt.Errorf("fetch %s: %w", ing.d, err)
 	}
-	return &Reader{f: f, size: size, source: source, ing: ing, untrusted: untrusted}, nil
+	return &Reader{f: f, size: size, source: source, ing: ing, untrusted: untrusted, held: true}, nil
 }
 
 func (ing *ingestion) run() {
 	s := ing.s
 	defer s.wg.Done()
 	defer s.metrics.inflight.Dec()
+	defer ing.cancel(nil)
 	err := ing.fill()
 	if err != nil {
 		s.discard(ing.file)
@@ -211,9 +269,17 @@ func (ing *ingestion) run() {
 	} else {
 		ing.committed = true
 	}
+	if ing.abandon != nil {
+		ing.abandon.Stop()
+		ing.abandon = nil
+	}
 	ing.cond.Broadcast()
 	ing.mu.Unlock()
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrAbandoned):
+		s.metrics.abandoned.Inc()
+		s.log.Info("fetch abandoned; nothing was kept", "digest", ing.d, "err", err)
+	case err != nil:
 		s.log.Warn("fetch failed; nothing was kept", "digest", ing.d, "err", err)
 	}
 }
@@ -227,8 +293,8 @@ func (ing *ingestion) copy(hasher *pipeHasher) error {
 			s.log.Info("resuming fetch", "digest", ing.d, "offset", ing.written, "attempt", attempt+1, "after", lastErr)
 			select {
 			case <-time.After(time.Duration(attempt*attempt) * 100 * time.Millisecond):
-			case <-s.ctx.Done():
-				return fmt.Errorf("fetch %s: %w", ing.d, s.ctx.Err())
+			case <-ing.ctx.Done():
+				return fmt.Errorf("fetch %s: %w", ing.d, context.Cause(ing.ctx))
 			}
 		}
 		progressed, err := ing.attempt(hasher)
@@ -236,7 +302,7 @@ func (ing *ingestion) copy(hasher *pipeHasher) error {
 			return nil
 		}
 		lastErr = err
-		if errors.Is(err, ErrSizeMismatch) || errors.Is(err, errPermanent) || s.ctx.Err() != nil {
+		if errors.Is(err, ErrSizeMismatch) || errors.Is(err, errPermanent) || ing.ctx.Err() != nil {
 			return err
 		}
 		if progressed {
@@ -254,11 +320,14 @@ const flushInterval = 25 * time.Millisecond
 // attempt runs one FetchFunc call to its end and reports whether it moved the offset.
 func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	s := ing.s
-	ctx, cancel := context.WithCancelCause(s.ctx)
+	ctx, cancel := context.WithCancelCause(ing.ctx)
 	defer cancel(nil)
 	start := ing.written
 	fetched, err := ing.fetch(ctx, start)
 	if err != nil {
+		if cause := context.Cause(ing.ctx); cause != nil {
+			return false, fmt.Errorf("%w: %w", errPermanent, cause)
+		}
 		if start == 0 {
 			// Nobody has been told a size yet, and the sources have had their chance: report it.
 			return false, fmt.Errorf("%w: %w", errPermanent, err)
@@ -292,11 +361,25 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 		return false, fmt.Errorf("fetch %s from %s: size %d, earlier %d: %w", ing.d, fetched.Source, fetched.Size, size, ErrSizeMismatch)
 	}
 
-	// A source that stops sending is cut off, so that the fetch can resume elsewhere.
+	// A source that stops sending, or sends too little, is cut off, so that the fetch can resume
+	// elsewhere; the source hears why.
 	stall := time.AfterFunc(s.opts.StallTimeout, func() {
-		cancel(fmt.Errorf("no data from %s for %s", fetched.Source, s.opts.StallTimeout))
+		cancel(fmt.Errorf("no data from %s for %s: %w", fetched.Source, s.opts.StallTimeout, ErrTooSlow))
 	})
 	defer stall.Stop()
+	var received atomic.Int64
+	if s.opts.MinRate > 0 {
+		done := make(chan struct{})
+		defer close(done)
+		go watchRate(ctx, done, &received, s.opts.MinRate, s.opts.RateWindow, func(got int64) {
+			cancel(fmt.Errorf("%d bytes from %s in %s, under the minimum of %d bytes/s: %w", got, fetched.Source, s.opts.RateWindow, s.opts.MinRate, ErrTooSlow))
+		})
+	}
+	defer func() {
+		if cause := context.Cause(ctx); errors.Is(cause, ErrTooSlow) && fetched.Reject != nil {
+			fetched.Reject(cause)
+		}
+	}()
 
 	// Reads are gathered into whole buffers before they are written and hashed: small writes to a new
 	// file cost ten times more than large ones. On a slow link a partial buffer is written every
@@ -324,6 +407,7 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	for ing.written+int64(fill) < size {
 		n, rerr := fetched.Body.Read(buf[fill:])
 		if n > 0 {
+			received.Add(int64(n))
 			stall.Reset(s.opts.StallTimeout)
 			if ing.written+int64(fill+n) > size {
 				return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
@@ -361,6 +445,30 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 		return true, fmt.Errorf("fetch %s from %s: more than %d bytes: %w", ing.d, fetched.Source, size, ErrSizeMismatch)
 	}
 	return true, nil
+}
+
+// watchRate calls tooSlow with what arrived in the last window when that is under minRate per
+// second, once, and returns; it returns too when done is closed or ctx is done.
+func watchRate(ctx context.Context, done <-chan struct{}, received *atomic.Int64, minRate int64, window time.Duration, tooSlow func(got int64)) {
+	floor := int64(float64(minRate) * window.Seconds())
+	tick := time.NewTicker(window)
+	defer tick.Stop()
+	var last int64
+	for {
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		got := received.Load()
+		if got-last < floor {
+			tooSlow(got - last)
+			return
+		}
+		last = got
+	}
 }
 
 // maxVerifyRounds bounds how often a fetch starts again after untrusted bytes failed verification.
@@ -448,6 +556,8 @@ type Reader struct {
 	ing    *ingestion // nil when the blob was complete when the reader was made
 	// untrusted readers verify for themselves: they get untrusted bytes as they arrive.
 	untrusted bool
+	// held says the reader counts as a client of ing until it is closed.
+	held bool
 }
 
 // Size is the size of the whole blob.
@@ -548,7 +658,12 @@ func (ing *ingestion) wait(off, chunk int64, untrusted bool) (int64, error) {
 	}
 }
 
-// Close releases the reader. A fetch it joined goes on.
+// Close releases the reader. A fetch it joined goes on while other clients wait for it, and for
+// Options.AbandonAfter once none does.
 func (r *Reader) Close() error {
+	if r.held {
+		r.held = false
+		r.ing.release()
+	}
 	return r.f.Close()
 }

@@ -14,6 +14,7 @@ type metrics struct {
 	verifyFailures          prometheus.Counter
 	fetchedBytes            *prometheus.CounterVec
 	eventsDropped           prometheus.Counter
+	abandoned               prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -39,12 +40,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		fetchedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_content_fetched_bytes_total", Help: "Bytes fetched into the store, by source.",
 		}, []string{"source"}),
+		abandoned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_content_fetches_abandoned_total", Help: "Fetches cancelled because no client waited for them any more; nothing of them was kept.",
+		}),
 		eventsDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imagemesh_content_events_dropped_total", Help: "Store events a subscriber was too far behind to receive (announcements peering then makes at its next reprovide).",
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.size, m.blobs, m.inflight, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes, m.eventsDropped)
+		reg.MustRegister(m.size, m.blobs, m.inflight, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes, m.eventsDropped, m.abandoned)
 	}
 	return m
 }

@@ -42,6 +42,12 @@ const (
 	DefaultMaxFetches    = 512
 	DefaultHighWatermark = 0.9
 	DefaultLowWatermark  = 0.8
+	// DefaultMinRate and DefaultRateWindow drop a source that sends less than 640 KiB in 20 s: far
+	// below any network a node pulls over, far above a peer that holds a blob hostage.
+	DefaultMinRate    = 32 << 10
+	DefaultRateWindow = 20 * time.Second
+	// DefaultAbandonAfter lets a client that gave up and retries find its fetch still under way.
+	DefaultAbandonAfter = 10 * time.Second
 )
 
 // ErrSizeMismatch is returned when a source sends more or fewer bytes than it announced.
@@ -57,6 +63,16 @@ type Options struct {
 	// StallTimeout aborts a fetch attempt whose source sent nothing for this long; the fetch then resumes
 	// from the next attempt. Default 30s.
 	StallTimeout time.Duration
+	// MinRate, in bytes per second, aborts a fetch attempt whose source sent less than MinRate ×
+	// RateWindow in a whole RateWindow: a source that trickles is dropped like one that stalls, and
+	// the fetch resumes from the byte reached on the next source. Defaults DefaultMinRate and
+	// DefaultRateWindow; a negative MinRate turns the check off.
+	MinRate    int64
+	RateWindow time.Duration
+	// AbandonAfter is how long a fetch goes on once no client waits for it (no reader, nobody waiting
+	// for one): past it, the fetch is cancelled and nothing is kept. A client that comes back within
+	// it joins the fetch. Default DefaultAbandonAfter.
+	AbandonAfter time.Duration
 	// FetchAttempts bounds how often one fetch is resumed after a source failed mid-way. Default 4.
 	FetchAttempts int
 	// MaxFetches bounds the fetches under way at once (each holds a file in ingest/, a goroutine and a
@@ -121,6 +137,15 @@ func Open(root string, opts Options) (*Store, error) {
 	}
 	if opts.StallTimeout == 0 {
 		opts.StallTimeout = 30 * time.Second
+	}
+	if opts.MinRate == 0 {
+		opts.MinRate = DefaultMinRate
+	}
+	if opts.RateWindow <= 0 {
+		opts.RateWindow = DefaultRateWindow
+	}
+	if opts.AbandonAfter <= 0 {
+		opts.AbandonAfter = DefaultAbandonAfter
 	}
 	if opts.FetchAttempts == 0 {
 		opts.FetchAttempts = 4

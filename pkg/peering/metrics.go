@@ -8,11 +8,12 @@ import (
 )
 
 // badPeerReasons are the values of the reason label of imagemesh_peering_bad_peer_events_total.
-var badPeerReasons = []string{reasonOversized, reasonDigestMismatch}
+var badPeerReasons = []string{reasonOversized, reasonDigestMismatch, reasonSlow}
 
 const (
 	reasonOversized      = "oversized"       // a manifest over the size limit of manifests
 	reasonDigestMismatch = "digest_mismatch" // bytes that do not hash to the digest asked for
+	reasonSlow           = "slow"            // a transfer that stalled or trickled under the store's minimum rate
 )
 
 type metrics struct {
@@ -43,7 +44,7 @@ func newMetrics(reg prometheus.Registerer, h host.Host) *metrics {
 			Name: "imagemesh_peering_fetch_through_total", Help: "Blobs this node fetched from its own sources because a peer asked it to lead.",
 		}),
 		badPeer: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification, by reason; the peer is skipped for that digest.",
+			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification or came too slowly, by reason; the peer is skipped for that digest.",
 		}, []string{"reason"}),
 	}
 	// Every reason is exported from the start, at zero: a series that appears only with the first

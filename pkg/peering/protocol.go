@@ -355,7 +355,13 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 			return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
 		}
 		c.Untrusted = true
-		c.Reject = func(err error) { n.reject(r.peer, r.obj.Digest, reasonDigestMismatch, err) }
+		c.Reject = func(err error) {
+			reason := reasonDigestMismatch
+			if errors.Is(err, content.ErrTooSlow) {
+				reason = reasonSlow
+			}
+			n.reject(r.peer, r.obj.Digest, reason, err)
+		}
 		return c, nil
 	}
 	defer func() { _ = c.Close() }() // read whole below; nothing is left to flush
