@@ -22,6 +22,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/imagemesh/imagemesh/pkg/source"
+	"github.com/imagemesh/imagemesh/pkg/source/layoutsource"
 	"github.com/imagemesh/imagemesh/pkg/storage/layout"
 )
 
@@ -122,7 +123,7 @@ func (s *Source) root(ctx context.Context) (string, error) {
 
 // Resolve reads a tag's link from the layout, and the manifest it names for its size and type.
 func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	desc, err := layout.ResolveTag(ctx, s.readSmall, repo, tag)
+	desc, err := layoutsource.ResolveTag(ctx, s.readSmall, repo, tag)
 	if err != nil && !errors.As(err, new(*source.Error)) {
 		err = fmt.Errorf("ipfs: %s: %w", s.opts.Root, err)
 	}
@@ -134,7 +135,7 @@ func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descripto
 		return ocispec.Descriptor{}, fmt.Errorf("ipfs: %w", err)
 	}
 	if obj.Kind == source.KindManifest {
-		return layout.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
+		return layoutsource.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
 	}
 	size, err := s.size(ctx, layout.BlobData(obj.Digest))
 	if err != nil {

@@ -25,6 +25,7 @@ import (
 	"storj.io/uplink"
 
 	"github.com/imagemesh/imagemesh/pkg/source"
+	"github.com/imagemesh/imagemesh/pkg/source/layoutsource"
 	"github.com/imagemesh/imagemesh/pkg/storage/layout"
 	"github.com/imagemesh/imagemesh/pkg/storjaccess"
 )
@@ -91,7 +92,7 @@ func (s *Source) key(p string) string { return s.prefix + strings.TrimPrefix(p, 
 
 // Resolve reads a tag's link from the layout, and the manifest it names for its size and type.
 func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	desc, err := layout.ResolveTag(ctx, s.readSmall, repo, tag)
+	desc, err := layoutsource.ResolveTag(ctx, s.readSmall, repo, tag)
 	if err != nil && !errors.As(err, new(*source.Error)) {
 		err = fmt.Errorf("storj: bucket %q: %w", s.opts.Bucket, err)
 	}
@@ -103,7 +104,7 @@ func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descripto
 		return ocispec.Descriptor{}, fmt.Errorf("storj: %w", err)
 	}
 	if obj.Kind == source.KindManifest {
-		return layout.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
+		return layoutsource.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()

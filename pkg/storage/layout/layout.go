@@ -1,23 +1,28 @@
-// Package layout names the paths of the distribution registry's storage layout, in which images are
-// kept on Storj and IPFS: the same layout a distribution registry writes, so that one reader serves
-// what the gateway pushed, what `imagemesh publish` wrote, and an existing registry's bucket.
+// Package layout is the distribution registry's storage layout, in which images are kept on Storj and
+// IPFS: the same layout a distribution registry writes, so that one reader serves what the gateway
+// pushed, what `imagemesh publish` wrote, and an existing registry's bucket.
+//
+// It knows paths and link files only. Every path is absolute and starts at Root; a blob's (or a
+// manifest's) bytes live under its digest, shared by every repository; a link file holds one digest as
+// text. The functions that take a digest expect a valid one (digest.Digest.Validate): they do not
+// check it again. Nothing here knows who holds a layout or how it is read: the sources that read one
+// (pkg/source/layoutsource) and the storage drivers that write one build on this package.
 package layout
 
 import (
-	"context"
 	"fmt"
 	"path"
 	"strings"
 
-	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
-	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
 // Root is where the layout starts under a storage root.
 const Root = "/docker/registry/v2"
+
+// MaxLinkSize bounds the size of a link file a reader accepts: a link holds one digest (71 bytes for
+// sha256), and anything much larger is not a link.
+const MaxLinkSize = 1024
 
 // BlobData is the path of a blob's (or manifest's) bytes.
 func BlobData(d digest.Digest) string {
@@ -41,28 +46,11 @@ func LayerLink(repo string, d digest.Digest) string {
 	return path.Join(Root, "repositories", repo, "_layers", d.Algorithm().String(), d.Encoded(), "link")
 }
 
-// ReadFunc reads a whole small file of a layout, refusing one over limit bytes.
-type ReadFunc func(ctx context.Context, path string, limit int64) ([]byte, error)
-
-// ResolveTag reads a tag's link, and the manifest it names for its size and media type: how a source
-// that holds a layout (IPFS, Storj) answers a tag lookup.
-func ResolveTag(ctx context.Context, read ReadFunc, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	b, err := read(ctx, TagCurrentLink(reference.Path(repo), tag), 1024)
+// ParseLink returns the digest a link file's content names; the registry may end it with a newline.
+func ParseLink(content []byte) (digest.Digest, error) {
+	d, err := digest.Parse(strings.TrimSpace(string(content)))
 	if err != nil {
-		return ocispec.Descriptor{}, err
+		return "", fmt.Errorf("link %q does not hold a digest: %w", content, err)
 	}
-	d, err := digest.Parse(strings.TrimSpace(string(b)))
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("tag %s:%s links to %q: %w", repo.Name(), tag, b, err)
-	}
-	return ManifestDescriptor(ctx, read, d)
-}
-
-// ManifestDescriptor reads a manifest kept as a blob, for its size and media type.
-func ManifestDescriptor(ctx context.Context, read ReadFunc, d digest.Digest) (ocispec.Descriptor, error) {
-	body, err := read(ctx, BlobData(d), source.MaxManifestSize)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{MediaType: source.ManifestMediaType(body), Digest: d, Size: int64(len(body))}, nil
+	return d, nil
 }
