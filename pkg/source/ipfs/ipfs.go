@@ -1,9 +1,14 @@
 // Package ipfs reads images from IPFS: a root (/ipfs/<cid>, /ipns/<name> or a DNSLink domain) holding
 // the distribution registry's storage layout, read through a kubo node's RPC API. The kubo node fetches
-// what it lacks from its peers over bitswap.
+// what it lacks from its peers over bitswap, and checks every block against its CID.
 //
-// The root is trusted as the ImageSource names it, so tags resolve here; the bytes are checked
-// against their digests by the content store before anything is kept, as for every source.
+// It reads the root's files and nothing else; pkg/source/layoutsource answers from them. So the root
+// is trusted for tags, as the ImageSource names it, and not for bytes: blocks match their CIDs, but a
+// file at a digest's path may not hold that digest's bytes (a broken publisher, or a root someone else
+// publishes), so its bytes come marked untrusted, and a blob that fails verification is not asked of
+// this root again for a while. An /ipns root is resolved again after ResolveTTL. Every metadata request
+// is bounded by Timeout; every failure says whether the path is missing (source.ErrNotFound) or kubo or
+// the root could not answer (source.ErrUnavailable).
 package ipfs
 
 import (
@@ -16,14 +21,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/ipfs/go-cid"
 	"github.com/ipfs/kubo/client/rpc"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/imagemesh/imagemesh/pkg/source"
 	"github.com/imagemesh/imagemesh/pkg/source/layoutsource"
-	"github.com/imagemesh/imagemesh/pkg/storage/layout"
 )
 
 // Options configure a Source.
@@ -37,17 +39,14 @@ type Options struct {
 	Timeout time.Duration
 	// ResolveTTL is how long a resolved /ipns root is reused. Default 1m.
 	ResolveTTL time.Duration
+	// RejectFor is how long a blob that failed verification is not read from the root. Default 10m.
+	RejectFor  time.Duration
 	HTTPClient *http.Client
 }
 
 // Source reads one root's layout.
 type Source struct {
-	opts Options
-	api  *rpc.HttpApi
-
-	mu         sync.Mutex
-	resolved   string // /ipfs/<cid> of the root
-	resolvedAt time.Time
+	*layoutsource.Source
 }
 
 // New checks the options; it does not contact kubo.
@@ -61,16 +60,16 @@ func New(opts Options) (*Source, error) {
 	if opts.HTTPClient == nil {
 		opts.HTTPClient = &http.Client{}
 	}
-	root, err := normalizeRoot(opts.Root)
+	name, err := normalizeRoot(opts.Root)
 	if err != nil {
 		return nil, err
 	}
-	opts.Root = root
 	api, err := rpc.NewURLApiWithClient(opts.API, opts.HTTPClient)
 	if err != nil {
 		return nil, fmt.Errorf("ipfs: kubo API %q: %w", opts.API, err)
 	}
-	return &Source{opts: opts, api: api}, nil
+	r := &root{api: api, name: name, timeout: opts.Timeout, resolveTTL: opts.ResolveTTL}
+	return &Source{layoutsource.New(r, layoutsource.Options{Name: "ipfs", Location: "root " + name, RejectFor: opts.RejectFor})}, nil
 }
 
 func normalizeRoot(root string) (string, error) {
@@ -92,142 +91,129 @@ func normalizeRoot(root string) (string, error) {
 	return "", fmt.Errorf("ipfs root %q: want /ipfs/<cid>, /ipns/<name> or a DNSLink domain", root)
 }
 
-func (s *Source) Name() string { return "ipfs" }
+// root reads the layout's files under an IPFS path through kubo: layoutsource.Files.
+type root struct {
+	api        *rpc.HttpApi
+	name       string // /ipfs/<cid>[/...] or /ipns/<name>[/...]
+	timeout    time.Duration
+	resolveTTL time.Duration
 
-// root returns the immutable path of the root, resolving /ipns names (IPNS or DNSLink) now and then.
-func (s *Source) root(ctx context.Context) (string, error) {
-	if strings.HasPrefix(s.opts.Root, "/ipfs/") {
-		return s.opts.Root, nil
+	mu         sync.Mutex
+	resolved   string // /ipfs/<cid> of an /ipns root
+	resolvedAt time.Time
+}
+
+// path returns the immutable path of the root, resolving /ipns names (IPNS or DNSLink) now and then.
+func (r *root) path(ctx context.Context) (string, error) {
+	if strings.HasPrefix(r.name, "/ipfs/") {
+		return r.name, nil
 	}
-	s.mu.Lock()
-	if s.resolved != "" && time.Since(s.resolvedAt) < s.opts.ResolveTTL {
-		r := s.resolved
-		s.mu.Unlock()
-		return r, nil
+	r.mu.Lock()
+	if r.resolved != "" && time.Since(r.resolvedAt) < r.resolveTTL {
+		p := r.resolved
+		r.mu.Unlock()
+		return p, nil
 	}
-	s.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	var out struct{ Path string }
-	if err := s.api.Request("name/resolve", s.opts.Root).Option("recursive", true).Exec(ctx, &out); err != nil {
-		return "", s.wrap("resolve", s.opts.Root, err)
+	if err := r.api.Request("name/resolve", r.name).Option("recursive", true).Exec(ctx, &out); err != nil {
+		return "", fmt.Errorf("resolve %s: %w", r.name, classify(err))
 	}
 	if !strings.HasPrefix(out.Path, "/ipfs/") {
-		return "", fmt.Errorf("ipfs: %s resolved to %q, not an /ipfs path: %w", s.opts.Root, out.Path, source.ErrUnavailable)
+		return "", fmt.Errorf("%s resolved to %q, not an /ipfs path: %w", r.name, out.Path, source.ErrUnavailable)
 	}
-	s.mu.Lock()
-	s.resolved, s.resolvedAt = out.Path, time.Now()
-	s.mu.Unlock()
+	r.mu.Lock()
+	r.resolved, r.resolvedAt = out.Path, time.Now()
+	r.mu.Unlock()
 	return out.Path, nil
 }
 
-// Resolve reads a tag's link from the layout, and the manifest it names for its size and type.
-func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	desc, err := layoutsource.ResolveTag(ctx, s.readSmall, repo, tag)
-	if err != nil && !errors.As(err, new(*source.Error)) {
-		err = fmt.Errorf("ipfs: %s: %w", s.opts.Root, err)
-	}
-	return desc, err
-}
-
-func (s *Source) Stat(ctx context.Context, obj source.Object) (ocispec.Descriptor, error) {
-	if err := obj.Digest.Validate(); err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("ipfs: %w", err)
-	}
-	if obj.Kind == source.KindManifest {
-		return layoutsource.ManifestDescriptor(ctx, s.readSmall, obj.Digest)
-	}
-	size, err := s.size(ctx, layout.BlobData(obj.Digest))
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{Digest: obj.Digest, Size: size}, nil
-}
-
-func (s *Source) Open(ctx context.Context, obj source.Object, offset int64) (*source.Content, error) {
-	if err := obj.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("ipfs: %w", err)
-	}
-	p := layout.BlobData(obj.Digest)
-	size, err := s.size(ctx, p)
+// ReadFile reads a whole small file of the layout.
+func (r *root) ReadFile(ctx context.Context, p string, limit int64) ([]byte, error) {
+	rp, err := r.path(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if offset > size {
-		return nil, fmt.Errorf("ipfs: offset %d past the end of %s (%d bytes)", offset, obj.Digest, size)
-	}
-	root, err := s.root(ctx)
-	if err != nil {
-		return nil, err
-	}
-	// The stream is not bounded by Timeout: a transfer that stalls is cut off by the content store.
-	resp, err := s.api.Request("cat", root+p).Option("offset", offset).Send(ctx)
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	resp, err := r.api.Request("cat", rp+p).Option("length", limit+1).Send(ctx)
 	if err == nil && resp.Error != nil {
 		err = resp.Error
 	}
 	if err != nil {
-		return nil, s.wrap("read", obj.String(), err)
+		return nil, classify(err)
 	}
-	return &source.Content{ReadCloser: resp.Output, Descriptor: ocispec.Descriptor{Digest: obj.Digest, Size: size}, Source: s.Name()}, nil
+	defer func() { _ = resp.Close() }() // read to its end or to the limit: nothing left to fail
+	b, err := io.ReadAll(io.LimitReader(resp.Output, limit+1))
+	if err != nil {
+		return nil, classify(err)
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("over %d bytes, more than a manifest or link may have", limit)
+	}
+	return b, nil
 }
 
-// size is the size of the file at p in the layout.
-func (s *Source) size(ctx context.Context, p string) (int64, error) {
-	root, err := s.root(ctx)
+// Size is the size of the file at p in the layout.
+func (r *root) Size(ctx context.Context, p string) (int64, error) {
+	rp, err := r.path(ctx)
 	if err != nil {
 		return 0, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	var st struct {
 		Size int64
 		Type string
 	}
-	if err := s.api.Request("files/stat", root+p).Exec(ctx, &st); err != nil {
-		return 0, s.wrap("stat", p, err)
+	if err := r.api.Request("files/stat", rp+p).Exec(ctx, &st); err != nil {
+		return 0, classify(err)
 	}
 	if st.Type != "file" {
-		return 0, fmt.Errorf("ipfs: %s is a %s: %w", p, st.Type, source.ErrNotFound)
+		return 0, fmt.Errorf("a %s, not a file: %w", st.Type, source.ErrNotFound)
 	}
 	return st.Size, nil
 }
 
-// readSmall reads a whole small file of the layout.
-func (s *Source) readSmall(ctx context.Context, p string, limit int64) ([]byte, error) {
-	root, err := s.root(ctx)
+// Open reads the file at p from offset on. The stream is not bounded by the timeout: a transfer that
+// stalls is cut off by the content store.
+func (r *root) Open(ctx context.Context, p string, offset int64) (io.ReadCloser, int64, error) {
+	size, err := r.Size(ctx, p)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
-	defer cancel()
-	resp, err := s.api.Request("cat", root+p).Option("length", limit+1).Send(ctx)
+	if offset > size {
+		return nil, 0, fmt.Errorf("offset %d past the end of the file (%d bytes)", offset, size)
+	}
+	rp, err := r.path(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := r.api.Request("cat", rp+p).Option("offset", offset).Send(ctx)
 	if err == nil && resp.Error != nil {
 		err = resp.Error
 	}
 	if err != nil {
-		return nil, s.wrap("read", p, err)
+		return nil, 0, classify(err)
 	}
-	defer resp.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Output, limit+1))
-	if err != nil {
-		return nil, s.wrap("read", p, err)
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("ipfs: %s is over %d bytes", p, limit)
-	}
-	return b, nil
+	return resp.Output, size, nil
 }
 
-// wrap tells a missing path (the next source may have it) from a kubo that cannot answer.
-func (s *Source) wrap(op, target string, err error) error {
+// classify tells a missing path (the next source may have it) from a kubo that cannot answer.
+func classify(err error) error {
 	var rerr *rpc.Error
 	if errors.As(err, &rerr) {
 		msg := rerr.Message
 		if strings.Contains(msg, "no link named") || strings.Contains(msg, "not found") || strings.Contains(msg, "does not exist") {
-			return &source.Error{Source: s.Name(), Op: op, Target: target, Err: fmt.Errorf("%s: %w", msg, source.ErrNotFound)}
+			return fmt.Errorf("%s: %w", msg, source.ErrNotFound)
 		}
 	}
-	return &source.Error{Source: s.Name(), Op: op, Target: target, Err: fmt.Errorf("%w: %w", source.ErrUnavailable, err)}
+	return fmt.Errorf("%w: %w", source.ErrUnavailable, err)
 }
 
-var _ source.Source = (*Source)(nil)
+var (
+	_ source.Source      = (*Source)(nil)
+	_ layoutsource.Files = (*root)(nil)
+)

@@ -1,11 +1,14 @@
 package ipfs_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,11 +17,14 @@ import (
 	"github.com/ipfs/go-cid"
 	mh "github.com/multiformats/go-multihash"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/source"
 	"github.com/imagemesh/imagemesh/pkg/source/ipfs"
 	"github.com/imagemesh/imagemesh/pkg/source/sourcetest"
+	"github.com/imagemesh/imagemesh/pkg/storage/layout"
 )
 
 const dockerManifest = "application/vnd.docker.distribution.manifest.v2+json"
@@ -45,6 +51,13 @@ func fetch(t *testing.T, url, accept string) []byte {
 // kubo A: the layout a publisher puts in IPFS. It returns the root and the image's manifest and layer.
 func published(t *testing.T, a *testenv.Kubo) (root string, manifest, layer []byte) {
 	t.Helper()
+	root, _, manifest, layer = publishedFrom(t, a)
+	return root, manifest, layer
+}
+
+// publishedFrom is published, and returns the registry's storage directory too.
+func publishedFrom(t *testing.T, a *testenv.Kubo) (root, dir string, manifest, layer []byte) {
+	t.Helper()
 	reg := testenv.StartRegistry(t)
 	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 3 << 20})
 	manifest = fetch(t, reg.URL+"/v2/team/app/manifests/v1", dockerManifest)
@@ -56,7 +69,7 @@ func published(t *testing.T, a *testenv.Kubo) (root string, manifest, layer []by
 	}
 	layer = fetch(t, reg.URL+"/v2/team/app/blobs/"+m.Layers[0].Digest.String(), "")
 	out := a.Run(t, "add", "-r", "-Q", "--cid-version=1", "--raw-leaves", reg.Dir)
-	return "/ipfs/" + strings.TrimSpace(out), manifest, layer
+	return "/ipfs/" + strings.TrimSpace(out), reg.Dir, manifest, layer
 }
 
 // The layout published on kubo A, read through kubo B, which is connected to A only: every block
@@ -159,4 +172,76 @@ func mustNamed(t *testing.T, s string) reference.Named {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// A root whose copy of a layer is corrupt (a broken publisher): its bytes are untrusted, so the content
+// store verifies the whole layer before any client gets it, rejects the copy, and fetches the layer
+// again from the next source, a good root. The corrupt root is not asked for that layer again, while it
+// still answers for everything else.
+func TestRejectMemory(t *testing.T) {
+	a := testenv.StartKubo(t)
+	goodRoot, dir, manifest, layer := publishedFrom(t, a)
+	layerD := digest.FromBytes(layer)
+	// The same layout with the layer's bytes changed, its size kept.
+	data := filepath.Join(dir, filepath.FromSlash(layout.BlobData(layerD)))
+	corrupted := append([]byte(nil), layer...)
+	for i := 0; i < len(corrupted); i += 4096 {
+		corrupted[i] ^= 0xff
+	}
+	if err := os.WriteFile(data, corrupted, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	badRoot := "/ipfs/" + strings.TrimSpace(a.Run(t, "add", "-r", "-Q", "--cid-version=1", "--raw-leaves", dir))
+
+	bad, err := ipfs.New(ipfs.Options{API: a.API, Root: badRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := ipfs.New(ipfs.Options{API: a.API, Root: goodRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain := source.NewChain(source.Link{Source: bad}, source.Link{Source: good})
+	store, err := content.Open(t.TempDir(), content.Options{Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+
+	repo := mustNamed(t, "example.test/team/app")
+	obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: layerD}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r, err := store.Fetch(ctx, layerD, func(ctx context.Context, offset int64) (*content.Fetched, error) {
+		c, err := chain.Open(ctx, obj, offset)
+		if err != nil {
+			return nil, err
+		}
+		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted, Reject: c.Reject}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	_, err = r.WriteTo(&got)
+	r.Close()
+	if err != nil || !bytes.Equal(got.Bytes(), layer) {
+		t.Fatalf("fetch through a corrupt root, then a good one: %d bytes, %v; want the layer's %d", got.Len(), err, len(layer))
+	}
+
+	_, err = bad.Open(ctx, obj, 0)
+	if !errors.Is(err, source.ErrNotFound) || !strings.Contains(err.Error(), "failed verification") || !strings.Contains(err.Error(), badRoot) {
+		t.Fatalf("the corrupt root is asked for the layer again: %v", err)
+	}
+	t.Logf("corrupt root, asked again: %v", err)
+	c, err := bad.Open(ctx, source.Object{Repo: repo, Kind: source.KindManifest, Digest: digest.FromBytes(manifest)}, 0)
+	if err != nil {
+		t.Fatalf("the corrupt root no longer answers for the manifest it holds intact: %v", err)
+	}
+	c.Close()
+	c, err = good.Open(ctx, obj, 0)
+	if err != nil {
+		t.Fatalf("the good root was rejected too: %v", err)
+	}
+	c.Close()
 }

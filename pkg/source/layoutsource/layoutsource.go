@@ -266,28 +266,3 @@ func (m *rejectMemory) removeLocked(e *list.Element) {
 }
 
 var _ source.Source = (*Source)(nil)
-
-// ReadFunc reads a whole small file of a layout, refusing one over limit bytes.
-type ReadFunc func(ctx context.Context, path string, limit int64) ([]byte, error)
-
-// ResolveTag reads a tag's link, and the manifest it names for its size and media type.
-func ResolveTag(ctx context.Context, read ReadFunc, repo reference.Named, tag string) (ocispec.Descriptor, error) {
-	b, err := read(ctx, layout.TagCurrentLink(reference.Path(repo), tag), layout.MaxLinkSize)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	d, err := layout.ParseLink(b)
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("tag %s:%s: %w", repo.Name(), tag, err)
-	}
-	return ManifestDescriptor(ctx, read, d)
-}
-
-// ManifestDescriptor reads a manifest kept as a blob, for its size and media type.
-func ManifestDescriptor(ctx context.Context, read ReadFunc, d digest.Digest) (ocispec.Descriptor, error) {
-	body, err := read(ctx, layout.BlobData(d), source.MaxManifestSize)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return ocispec.Descriptor{MediaType: source.ManifestMediaType(body), Digest: d, Size: int64(len(body))}, nil
-}
