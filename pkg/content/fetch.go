@@ -20,6 +20,10 @@ type Fetched struct {
 	Size int64
 	// Source names where the bytes come from, for metrics and logs.
 	Source string
+	// SizeTrusted says Size comes from a trusted source or was checked against one. Only a trusted
+	// size is reserved in the cache up front (evicting to make room); an untrusted one counts as its
+	// bytes arrive, so that a lie cannot empty the cache.
+	SizeTrusted bool
 	// Untrusted marks bytes from a source that may lie, such as another node. Clients get none of them
 	// before the whole blob has verified, so that a bad source costs a retry, never a broken pull; other
 	// untrusted readers (peers, which verify for themselves) get them as they arrive.
@@ -149,6 +153,9 @@ type ingestion struct {
 	// for verification past it.
 	heldFrom int64
 	rejects  []func(error)
+	// reserved is what the fetch holds of the cache's size limit: its size, once a trusted source
+	// told it.
+	reserved int64
 }
 
 func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error) {
@@ -256,6 +263,11 @@ func (ing *ingestion) run() {
 	if err != nil {
 		s.discard(ing.file)
 	}
+	ing.mu.Lock()
+	reserved := ing.reserved
+	ing.reserved = 0
+	ing.mu.Unlock()
+	s.unreserve(reserved)
 	s.mu.Lock()
 	delete(s.fetching, ing.d)
 	s.mu.Unlock()
@@ -336,10 +348,19 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	}
 	defer func() { _ = fetched.Body.Close() }() // read-only; a failed read shows in rerr below
 
+	// Only this goroutine sets the size: first stays true until it does below. The room is made
+	// before any client learns the size.
 	ing.mu.Lock()
 	first := ing.size < 0
+	ing.mu.Unlock()
+	var reserved int64
+	if first && fetched.SizeTrusted && fetched.Size > 0 {
+		reserved = fetched.Size
+		s.reserve(reserved)
+	}
+	ing.mu.Lock()
 	if first {
-		ing.size, ing.source = fetched.Size, fetched.Source
+		ing.size, ing.source, ing.reserved = fetched.Size, fetched.Source, reserved
 		close(ing.sized)
 	} else {
 		ing.source = fetched.Source
@@ -523,7 +544,10 @@ func (ing *ingestion) fill() error {
 	ing.mu.Lock()
 	ing.verified = true
 	ing.cond.Broadcast()
+	reserved := ing.reserved
+	ing.reserved = 0
 	ing.mu.Unlock()
+	s.unreserve(reserved) // the commit counts the blob itself
 	return s.commit(ing.file, ing.d, ing.size)
 }
 

@@ -10,6 +10,7 @@ import (
 
 type metrics struct {
 	size, blobs, inflight   prometheus.Gauge
+	reserved                prometheus.Gauge
 	evictions, evictedBytes prometheus.Counter
 	verifyFailures          prometheus.Counter
 	fetchedBytes            *prometheus.CounterVec
@@ -24,6 +25,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		blobs: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "imagemesh_content_blobs", Help: "Blobs held by the node's content store.",
+		}),
+		reserved: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imagemesh_content_fetching_bytes", Help: "Bytes reserved in the cache's size limit for blobs being fetched (their full size, when a trusted source told it).",
 		}),
 		inflight: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "imagemesh_content_fetches_in_flight", Help: "Blob fetches under way; one per digest.",
@@ -48,7 +52,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.size, m.blobs, m.inflight, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes, m.eventsDropped, m.abandoned)
+		reg.MustRegister(m.size, m.blobs, m.inflight, m.reserved, m.evictions, m.evictedBytes, m.verifyFailures, m.fetchedBytes, m.eventsDropped, m.abandoned)
 	}
 	return m
 }

@@ -161,3 +161,46 @@ func TestFetchJoinedWithinTheGraceGoesOn(t *testing.T) {
 		}
 	}
 }
+
+// A fetch whose size a trusted source told counts against the size limit from its first byte: the
+// cache makes room for it before it arrives, so that the blobs and ingest/ together stay within
+// the limit. An untrusted size reserves nothing.
+func TestFetchReservesItsTrustedSize(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{MaxBytes: 10_000, HighWatermark: 0.9, LowWatermark: 0.5, Registerer: prometheus.NewRegistry()})
+	for i := 0; i < 4; i++ {
+		b, d := randomBlob(t, 2000)
+		if err := s.Put(d, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, trusted := range []bool{true, false} {
+		held := s.Size()
+		data, d := randomBlob(t, 3000)
+		gate := make(chan struct{})
+		fetch := func(ctx context.Context, off int64) (*Fetched, error) {
+			body := io.MultiReader(bytes.NewReader(data[off:1000]), gated{gate}, bytes.NewReader(data[1000:]))
+			return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "test", SizeTrusted: trusted}, nil
+		}
+		rd, err := s.Fetch(context.Background(), d, fetch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reserved := testutil.ToFloat64(s.metrics.reserved)
+		switch {
+		case trusted && (reserved != 3000 || s.Size()+3000 > 5000):
+			t.Errorf("trusted size: %v bytes reserved, %d held; want 3000 reserved and at most 2000 held", reserved, s.Size())
+		case !trusted && (reserved != 0 || s.Size() != held):
+			t.Errorf("untrusted size: %v bytes reserved, %d held; want nothing reserved or evicted", reserved, s.Size())
+		}
+		close(gate)
+		if _, err := io.ReadAll(io.NewSectionReader(rd, 0, rd.Size())); err != nil {
+			t.Fatal(err)
+		}
+		rd.Close()
+		for deadline := time.Now().Add(2 * time.Second); testutil.ToFloat64(s.metrics.reserved) != 0; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%v bytes still reserved after the fetch", testutil.ToFloat64(s.metrics.reserved))
+			}
+		}
+	}
+}

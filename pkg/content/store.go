@@ -108,10 +108,13 @@ type Store struct {
 	opts Options
 	log  *slog.Logger
 
-	mu       sync.Mutex
-	entries  map[digest.Digest]*entry
-	lru      *list.List // front: most recently used
-	total    int64
+	mu      sync.Mutex
+	entries map[digest.Digest]*entry
+	lru     *list.List // front: most recently used
+	total   int64
+	// reserved is the size of the blobs being fetched whose size a trusted source told: they count
+	// against MaxBytes from the start, so that the cache and its ingest/ together stay within it.
+	reserved int64
 	fetching map[digest.Digest]*ingestion
 
 	// ctx bounds the fetches the store runs on behalf of readers: a fetch outlives the request that
@@ -471,15 +474,36 @@ func (s *Store) removeLocked(e *entry) {
 	s.total -= e.Size
 }
 
+// reserve counts n bytes of a fetch under way against the size limit, evicting to make room.
+func (s *Store) reserve(n int64) {
+	s.mu.Lock()
+	s.reserved += n
+	evicted := s.evictLocked()
+	s.mu.Unlock()
+	s.metrics.reserved.Add(float64(n))
+	s.events.publish(EventRemoved, evicted...)
+}
+
+// unreserve gives back what reserve took.
+func (s *Store) unreserve(n int64) {
+	if n == 0 {
+		return
+	}
+	s.mu.Lock()
+	s.reserved -= n
+	s.mu.Unlock()
+	s.metrics.reserved.Sub(float64(n))
+}
+
 // evictLocked removes least recently used, unpinned blobs while the store is over its high watermark,
 // down to its low watermark, and returns what it removed.
 func (s *Store) evictLocked() []digest.Digest {
-	if s.opts.MaxBytes <= 0 || float64(s.total) <= s.opts.HighWatermark*float64(s.opts.MaxBytes) {
+	if s.opts.MaxBytes <= 0 || float64(s.total+s.reserved) <= s.opts.HighWatermark*float64(s.opts.MaxBytes) {
 		return nil
 	}
 	low := int64(s.opts.LowWatermark * float64(s.opts.MaxBytes))
 	var removed []digest.Digest
-	for el := s.lru.Back(); el != nil && s.total > low; {
+	for el := s.lru.Back(); el != nil && s.total+s.reserved > low; {
 		e := el.Value.(*entry)
 		el = el.Prev()
 		if e.pins > 0 {

@@ -21,7 +21,7 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 		m.writeError(w, 0, err)
 		return
 	}
-	obj := source.Object{Repo: req.repo, Kind: source.KindBlob, Digest: d}
+	obj := source.Object{Repo: req.repo, Kind: source.KindBlob, Digest: d, Size: m.sizes.size(d)}
 	if r.Method == http.MethodHead {
 		m.headBlob(w, r, obj)
 		return
@@ -108,7 +108,9 @@ func fetchFrom(src source.Source, obj source.Object) content.FetchFunc {
 		if err != nil {
 			return nil, err
 		}
-		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted, Reject: c.Reject}, nil
+		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted, Reject: c.Reject,
+			// The chain checked the size against the manifest's, if one listed the blob.
+			SizeTrusted: !c.Untrusted || obj.Size > 0}, nil
 	}
 }
 

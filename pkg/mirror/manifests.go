@@ -164,6 +164,7 @@ func (m *Mirror) resolve(ctx context.Context, repo reference.Named, tag string) 
 // manifest returns a manifest's bytes from the store, or fetches, verifies and stores them.
 func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Digest) ([]byte, string, error) {
 	if b, err := m.store.ReadAll(d, source.MaxManifestSize); err == nil {
+		m.sizes.learn(b)
 		return b, "local", nil
 	}
 	type result struct {
@@ -199,6 +200,7 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 		return nil, "", err
 	}
 	res := v.(result)
+	m.sizes.learn(res.body)
 	return res.body, res.source, nil
 }
 

@@ -71,6 +71,7 @@ type Mirror struct {
 	metrics *metrics
 
 	journal   journal
+	sizes     knownSizes
 	limit     *sourceLimit
 	manifests singleflight.Group
 	resolves  singleflight.Group
@@ -107,6 +108,7 @@ func New(opts Options) (*Mirror, error) {
 		opts:    opts,
 		store:   opts.Store,
 		tags:    tags,
+		sizes:   newKnownSizes(),
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
 		limit:   newSourceLimit(opts.MaxSourceRequests, opts.MaxSourceRequestsPerClient),

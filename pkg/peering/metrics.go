@@ -8,12 +8,13 @@ import (
 )
 
 // badPeerReasons are the values of the reason label of imagemesh_peering_bad_peer_events_total.
-var badPeerReasons = []string{reasonOversized, reasonDigestMismatch, reasonSlow}
+var badPeerReasons = []string{reasonOversized, reasonDigestMismatch, reasonSlow, reasonWrongSize}
 
 const (
 	reasonOversized      = "oversized"       // a manifest over the size limit of manifests
 	reasonDigestMismatch = "digest_mismatch" // bytes that do not hash to the digest asked for
 	reasonSlow           = "slow"            // a transfer that stalled or trickled under the store's minimum rate
+	reasonWrongSize      = "wrong_size"      // a size other than the one a verified manifest gives
 )
 
 type metrics struct {

@@ -280,7 +280,7 @@ func TestBadPeerEventsExportedFromTheStart(t *testing.T) {
 		}
 		return got
 	}
-	if got := events(); !maps.Equal(got, map[string]float64{reasonOversized: 0, reasonDigestMismatch: 0, reasonSlow: 0}) {
+	if got := events(); !maps.Equal(got, map[string]float64{reasonOversized: 0, reasonDigestMismatch: 0, reasonSlow: 0, reasonWrongSize: 0}) {
 		t.Fatalf("bad-peer events before any: %v, want every reason at 0", got)
 	}
 	n.reject(n.ID(), digest.FromString("rotten"), reasonDigestMismatch, nil)

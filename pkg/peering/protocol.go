@@ -357,8 +357,11 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 		c.Untrusted = true
 		c.Reject = func(err error) {
 			reason := reasonDigestMismatch
-			if errors.Is(err, content.ErrTooSlow) {
+			switch {
+			case errors.Is(err, content.ErrTooSlow):
 				reason = reasonSlow
+			case errors.Is(err, source.ErrWrongSize):
+				reason = reasonWrongSize
 			}
 			n.reject(r.peer, r.obj.Digest, reason, err)
 		}

@@ -3,6 +3,7 @@ package source
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/distribution/reference"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -74,20 +75,23 @@ func (c *Chain) ListTags(ctx context.Context, repo reference.Named) ([]string, e
 	return nil, joinErrors(errs)
 }
 
-// Stat asks the links in order until one knows the object.
+// Stat asks the links in order until one knows the object, at its trusted size if it has one.
 func (c *Chain) Stat(ctx context.Context, obj Object) (ocispec.Descriptor, error) {
 	var errs []error
 	for _, l := range c.links {
 		desc, err := l.Source.Stat(ctx, obj)
 		if err == nil {
-			return desc, nil
+			if err = checkSize(obj, desc.Size, l.Source.Name()); err == nil {
+				return desc, nil
+			}
 		}
 		errs = append(errs, err)
 	}
 	return ocispec.Descriptor{}, joinErrors(errs)
 }
 
-// Open asks the links in order until one opens the object.
+// Open asks the links in order until one opens the object, at its trusted size if it has one: a
+// source that claims another size is told (Content.Reject) and passed over.
 func (c *Chain) Open(ctx context.Context, obj Object, offset int64) (*Content, error) {
 	var errs []error
 	for _, l := range c.links {
@@ -96,11 +100,24 @@ func (c *Chain) Open(ctx context.Context, obj Object, offset int64) (*Content, e
 			if content.Source == "" {
 				content.Source = l.Source.Name()
 			}
-			return content, nil
+			if err = checkSize(obj, content.Descriptor.Size, content.Source); err == nil {
+				return content, nil
+			}
+			_ = content.Close() // refused unread
+			if content.Reject != nil {
+				content.Reject(err)
+			}
 		}
 		errs = append(errs, err)
 	}
 	return nil, joinErrors(errs)
+}
+
+func checkSize(obj Object, claimed int64, src string) error {
+	if obj.Size > 0 && claimed >= 0 && claimed != obj.Size {
+		return fmt.Errorf("%s from %s: %d bytes, the manifest says %d: %w", obj, src, claimed, obj.Size, ErrWrongSize)
+	}
+	return nil
 }
 
 // joinErrors keeps ErrNotFound visible only when it is the whole truth.

@@ -18,6 +18,10 @@ import (
 // ErrNotFound means the source is sure it does not have what was asked for; the next source may.
 var ErrNotFound = errors.New("not found")
 
+// ErrWrongSize means a source claimed a size for an object other than the one its trusted
+// descriptor gives (Object.Size).
+var ErrWrongSize = errors.New("size differs from the trusted descriptor")
+
 // Kind says whether a digest names a manifest or a blob: registries serve them under different paths.
 type Kind uint8
 
@@ -39,6 +43,11 @@ type Object struct {
 	Repo   reference.Named // fully qualified: registry host and path
 	Kind   Kind
 	Digest digest.Digest
+	// Size, when above zero, is the object's size from a trusted descriptor (a verified manifest
+	// that lists it). A Chain passes over a source whose answer claims another size, so that a peer
+	// or a bucket that lies about a size costs a try of the next source, not a failed pull or a
+	// full disk.
+	Size int64
 }
 
 func (o Object) String() string { return fmt.Sprintf("%s@%s", o.Repo.Name(), o.Digest) }
