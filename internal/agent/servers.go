@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/imagemesh/imagemesh/pkg/mirror"
@@ -100,7 +101,7 @@ func (l *listeners) servers(m *mirror.Mirror, node *peering.Node, reg *prometheu
 func (s servers) serve(g *errgroup.Group) {
 	for _, x := range s {
 		g.Go(func() error {
-			if err := x.srv.Serve(x.ln); !errors.Is(err, http.ErrServerClosed) {
+			if err := x.srv.Serve(netutil.LimitListener(x.ln, maxConns)); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("serve %s: %w", x.ln.Addr(), err)
 			}
 			return nil
@@ -120,12 +121,22 @@ func (s servers) shutdown(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// maxConns bounds the connections each of the agent's servers holds at once (a goroutine and two
+// 4 KiB buffers each): past it, new connections wait in the listen backlog. A node's containerd
+// needs a handful; a flood gets no more of the agent's memory than this.
+const maxConns = 1024
+
+// maxHeaderBytes bounds a request's headers: pull requests carry a few hundred bytes.
+const maxHeaderBytes = 64 << 10
+
 func newServer(h http.Handler, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		// No WriteTimeout: a layer of several GiB to a slow node is a legitimate, long answer.
+		MaxHeaderBytes:    maxHeaderBytes,
+		// No WriteTimeout: a layer of several GiB to a slow node is a legitimate, long answer. The
+		// mirror bounds each write instead (mirror.WriteStall).
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 }

@@ -354,9 +354,18 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	first := ing.size < 0
 	ing.mu.Unlock()
 	var reserved int64
-	if first && fetched.SizeTrusted && fetched.Size > 0 {
-		reserved = fetched.Size
-		s.reserve(reserved)
+	if first && fetched.Size > 0 {
+		if fetched.SizeTrusted {
+			reserved = fetched.Size
+			s.reserve(reserved)
+		}
+		// Refused now, the client hears why; found full by a write later, its transfer is cut.
+		if err := s.makeRoom(fetched.Size, fetched.SizeTrusted); err != nil {
+			ing.mu.Lock()
+			ing.reserved = reserved // released when the fetch ends
+			ing.mu.Unlock()
+			return false, fmt.Errorf("%w: fetch %s of %d bytes from %s: %w", errPermanent, ing.d, fetched.Size, fetched.Source, err)
+		}
 	}
 	ing.mu.Lock()
 	if first {

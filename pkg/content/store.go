@@ -503,9 +503,24 @@ func (s *Store) evictLocked() []digest.Digest {
 	}
 	low := int64(s.opts.LowWatermark * float64(s.opts.MaxBytes))
 	var removed []digest.Digest
-	for el := s.lru.Back(); el != nil && s.total+s.reserved > low; {
+	for s.total+s.reserved > low {
+		r := s.evictOneLocked()
+		if len(r) == 0 {
+			break
+		}
+		removed = append(removed, r...)
+	}
+	if len(removed) > 0 {
+		s.log.Info("evicted blobs", "count", len(removed), "sizeBytes", s.total, "maxBytes", s.opts.MaxBytes)
+	}
+	return removed
+}
+
+// evictOneLocked removes the least recently used blob that is not pinned, and returns it; nothing
+// if every blob is pinned or none is left.
+func (s *Store) evictOneLocked() []digest.Digest {
+	for el := s.lru.Back(); el != nil; el = el.Prev() {
 		e := el.Value.(*entry)
-		el = el.Prev()
 		if e.pins > 0 {
 			continue
 		}
@@ -515,14 +530,11 @@ func (s *Store) evictLocked() []digest.Digest {
 			continue
 		}
 		s.removeLocked(e)
-		removed = append(removed, e.Digest)
 		s.metrics.evictions.Inc()
 		s.metrics.evictedBytes.Add(float64(e.Size))
+		return []digest.Digest{e.Digest}
 	}
-	if len(removed) > 0 {
-		s.log.Info("evicted blobs", "count", len(removed), "sizeBytes", s.total, "maxBytes", s.opts.MaxBytes)
-	}
-	return removed
+	return nil
 }
 
 // syncDir makes a rename in dir durable. It is best effort: the index is rebuilt from the files at

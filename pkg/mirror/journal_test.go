@@ -3,8 +3,13 @@ package mirror
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 func TestJournalKeepsTheLastPullsAndFailures(t *testing.T) {
@@ -41,4 +46,44 @@ func repos(ps []Pull) []string {
 		out[i] = p.Repo
 	}
 	return out
+}
+
+func TestTagCacheIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	c, err := newTagCache(dir, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc := ocispec.Descriptor{Digest: digest.FromString("x"), Size: 1}
+	for i := 0; i < 25; i++ {
+		if err := c.put(fmt.Sprintf("example.test/app:%d", i), desc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := func() int {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	if c.mem.Len() != 10 || files() != 10 {
+		t.Fatalf("%d answers in memory, %d files; want 10 and 10", c.mem.Len(), files())
+	}
+	if _, ok := c.get("example.test/app:24"); !ok {
+		t.Error("the newest answer is gone")
+	}
+	if _, ok := c.get("example.test/app:0"); ok {
+		t.Error("the oldest answer is still there")
+	}
+	// A restart with a lower bound prunes the directory to the newest files; a crash's temp file goes.
+	if err := os.WriteFile(filepath.Join(dir, ".tag-123"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newTagCache(dir, 4); err != nil {
+		t.Fatal(err)
+	}
+	if n := files(); n != 4 {
+		t.Errorf("%d files after a restart bounded to 4", n)
+	}
 }

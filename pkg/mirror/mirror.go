@@ -43,6 +43,9 @@ type Options struct {
 	// TagDir keeps tag answers across restarts, so that a restarted agent still serves while the
 	// upstream is down. Empty keeps them in memory only.
 	TagDir string
+	// MaxTags bounds the tag answers kept, in memory and in TagDir (see tagCache). Default
+	// DefaultMaxTags.
+	MaxTags int
 	// MaxSourceRequests bounds the requests that wait on a source (peers, decentralized storage, the
 	// registry) at once; MaxSourceRequestsPerClient bounds them per client address. Past either, the
 	// mirror answers 429 TOOMANYREQUESTS at once. Requests the store answers alone are not counted.
@@ -100,7 +103,10 @@ func New(opts Options) (*Mirror, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	tags, err := newTagCache(opts.TagDir)
+	if opts.MaxTags <= 0 {
+		opts.MaxTags = DefaultMaxTags
+	}
+	tags, err := newTagCache(opts.TagDir, opts.MaxTags)
 	if err != nil {
 		return nil, err
 	}
@@ -141,10 +147,13 @@ type request struct {
 
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	rw := &responseWriter{ResponseWriter: w, source: "none"}
+	rw := &responseWriter{ResponseWriter: w, source: "none", rc: http.NewResponseController(w)}
 	kind := "other"
 	var req *request
 	defer func() {
+		// The server keeps a write deadline across the requests of a connection: the next answer
+		// on it starts with none.
+		_ = rw.rc.SetWriteDeadline(time.Time{}) // writers without deadlines need no reset
 		took := time.Since(start)
 		m.metrics.observe(kind, r.Method, rw.status(), rw.source, rw.bytes, took)
 		if req != nil && (kind == "manifest" || kind == "blob") {
@@ -309,6 +318,9 @@ func errorFor(err error, unknown errcode.ErrorCode) (int, error) {
 		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
 	case errors.Is(err, content.ErrTooManyFetches):
 		return 0, errcode.ErrorCodeTooManyRequests.WithMessage(err.Error())
+	case content.IsNoSpace(err):
+		// The client's next host (the registry, in hosts.toml) can still serve it.
+		return 0, errcode.ErrorCodeUnavailable.WithMessage("this node's cache disk is full: " + err.Error())
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return 0, errcode.ErrorCodeUnavailable.WithMessage(err.Error())
 	}
@@ -346,11 +358,27 @@ func (m *Mirror) writeError(w http.ResponseWriter, status int, err error) {
 // (http.ServeContent's, content.Reader's) through large pooled buffers.
 type responseWriter struct {
 	http.ResponseWriter
+	rc     *http.ResponseController
 	code   int
 	bytes  int64
 	source string
 	err    string // the message of the API error answered
 }
+
+// WriteStall bounds how long one write to a client may block: a client that stops reading is cut
+// off after it, so that it costs a goroutine and a buffer for that long and no longer. A slow client
+// that reads is never cut off: the deadline moves with every write.
+const WriteStall = time.Minute
+
+// write writes p within WriteStall.
+func (w *responseWriter) write(p []byte) (int, error) {
+	_ = w.rc.SetWriteDeadline(time.Now().Add(WriteStall)) // writers without deadlines (tests' recorders) write unbounded
+	return w.ResponseWriter.Write(p)
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func (w *responseWriter) WriteHeader(code int) {
 	if w.code == 0 {
@@ -363,7 +391,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.code == 0 {
 		w.code = http.StatusOK
 	}
-	n, err := w.ResponseWriter.Write(p)
+	n, err := w.write(p)
 	w.bytes += int64(n)
 	return n, err
 }
@@ -381,7 +409,7 @@ func (w *responseWriter) ReadFrom(r io.Reader) (int64, error) {
 	defer copyBuffers.Put(buf)
 	// Both sides are wrapped so that io.CopyBuffer cannot hand the copy to a WriteTo or ReadFrom of
 	// their own (sendfile, 32 KiB buffers).
-	n, err := io.CopyBuffer(struct{ io.Writer }{w.ResponseWriter}, struct{ io.Reader }{r}, *buf)
+	n, err := io.CopyBuffer(writerFunc(w.write), struct{ io.Reader }{r}, *buf)
 	w.bytes += n
 	return n, err
 }

@@ -7,18 +7,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
-	"sync"
+	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/distribution/reference"
+	lru "github.com/hashicorp/golang-lru/v2"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/imagemesh/imagemesh/pkg/source"
@@ -32,20 +32,71 @@ type tagAnswer struct {
 }
 
 // tagCache keeps tag answers in memory and, if dir is set, on disk, one file per tag named by the hash
-// of the tag's full name, so that no name can become a path.
+// of the tag's full name, so that no name can become a path. Both are bounded: memory holds the limit
+// most recently used answers, and a file goes with its answer when memory evicts it; at start the
+// directory is pruned to the limit newest files. So at most limit answers are in memory and 2 × limit
+// files on disk (those of the last run not read again yet, and this run's).
 type tagCache struct {
 	dir string
-	mu  sync.Mutex
-	mem map[string]tagAnswer
+	mem *lru.Cache[string, tagAnswer]
 }
 
-func newTagCache(dir string) (*tagCache, error) {
+// DefaultMaxTags is the default of Options.MaxTags.
+const DefaultMaxTags = 10_000
+
+func newTagCache(dir string, limit int) (*tagCache, error) {
+	c := &tagCache{dir: dir}
+	var err error
+	c.mem, err = lru.NewWithEvict(limit, func(name string, _ tagAnswer) { c.removeFile(name) })
+	if err != nil {
+		return nil, fmt.Errorf("tag cache: %w", err)
+	}
 	if dir != "" {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("tag cache: %w", err)
 		}
+		if err := prune(dir, limit); err != nil {
+			return nil, fmt.Errorf("tag cache: %w", err)
+		}
 	}
-	return &tagCache{dir: dir, mem: make(map[string]tagAnswer)}, nil
+	return c, nil
+}
+
+// prune removes all but the limit newest files of dir, and temp files left by a crash.
+func prune(dir string, limit int) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	type file struct {
+		name string
+		mod  time.Time
+	}
+	var files []file
+	var errs []error
+	for _, e := range entries {
+		info, err := e.Info()
+		if err != nil {
+			continue // gone meanwhile
+		}
+		if strings.HasPrefix(e.Name(), ".tag-") {
+			errs = append(errs, os.Remove(filepath.Join(dir, e.Name())))
+			continue
+		}
+		files = append(files, file{e.Name(), info.ModTime()})
+	}
+	slices.SortFunc(files, func(a, b file) int { return b.mod.Compare(a.mod) })
+	for _, f := range files[min(limit, len(files)):] {
+		errs = append(errs, os.Remove(filepath.Join(dir, f.name)))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *tagCache) removeFile(name string) {
+	if c.dir == "" {
+		return
+	}
+	_ = os.Remove(c.file(name)) // gone already is fine; a leftover is pruned at the next start
 }
 
 func (c *tagCache) file(name string) string {
@@ -54,9 +105,7 @@ func (c *tagCache) file(name string) string {
 }
 
 func (c *tagCache) get(name string) (tagAnswer, bool) {
-	c.mu.Lock()
-	a, ok := c.mem[name]
-	c.mu.Unlock()
+	a, ok := c.mem.Get(name)
 	if ok || c.dir == "" {
 		return a, ok
 	}
@@ -67,17 +116,13 @@ func (c *tagCache) get(name string) (tagAnswer, bool) {
 	if err := json.Unmarshal(b, &a); err != nil || a.Name != name || a.Descriptor.Digest.Validate() != nil {
 		return tagAnswer{}, false
 	}
-	c.mu.Lock()
-	c.mem[name] = a
-	c.mu.Unlock()
+	c.mem.Add(name, a)
 	return a, true
 }
 
 func (c *tagCache) put(name string, desc ocispec.Descriptor) error {
 	a := tagAnswer{Name: name, Descriptor: desc, Resolved: time.Now()}
-	c.mu.Lock()
-	c.mem[name] = a
-	c.mu.Unlock()
+	c.mem.Add(name, a)
 	if c.dir == "" {
 		return nil
 	}
@@ -104,14 +149,8 @@ func (c *tagCache) put(name string, desc ocispec.Descriptor) error {
 }
 
 func (c *tagCache) delete(name string) {
-	c.mu.Lock()
-	delete(c.mem, name)
-	c.mu.Unlock()
-	if c.dir != "" {
-		if err := os.Remove(c.file(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return
-		}
-	}
+	c.mem.Remove(name) // and its file
+	c.removeFile(name)
 }
 
 // CachedTag returns what the mirror last resolved repo:tag to, and when, however old: peers that may
