@@ -165,11 +165,7 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	if len(s.fetching) >= s.opts.MaxFetches {
 		return nil, fmt.Errorf("fetch %s: %d under way: %w", d, len(s.fetching), ErrTooManyFetches)
 	}
-	f, err := os.CreateTemp(s.ingestDir(), "fetch-")
-	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", d, err)
-	}
-	ing := &ingestion{s: s, d: d, fetch: fetch, file: f, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1}
+	ing := &ingestion{s: s, d: d, fetch: fetch, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1}
 	ing.ctx, ing.cancel = context.WithCancelCause(s.ctx)
 	ing.cond = sync.NewCond(&ing.mu)
 	s.fetching[d] = ing
@@ -213,7 +209,7 @@ func (ing *ingestion) release() {
 func (ing *ingestion) reader(ctx context.Context, untrusted bool) (rd *Reader, err error) {
 	ing.hold()
 	defer func() {
-		if err != nil {
+		if rd == nil || !rd.held { // no reader, or one of the committed file: not a client of the fetch
 			ing.release()
 		}
 	}()
@@ -243,7 +239,6 @@ func (ing *ingestion) reader(ctx context.Context, untrusted bool) (rd *Reader, e
 			if err != nil {
 				return nil, err
 			}
-			defer ing.release() // the reader reads the committed file; the fetch is over
 			return &Reader{f: f, size: size, source: "local"}, nil
 		}
 		if ing.err != nil {
@@ -260,7 +255,7 @@ func (ing *ingestion) run() {
 	defer s.metrics.inflight.Dec()
 	defer ing.cancel(nil)
 	err := ing.fill()
-	if err != nil {
+	if err != nil && ing.file != nil {
 		s.discard(ing.file)
 	}
 	ing.mu.Lock()
@@ -366,6 +361,18 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 			ing.mu.Unlock()
 			return false, fmt.Errorf("%w: fetch %s of %d bytes from %s: %w", errPermanent, ing.d, fetched.Size, fetched.Source, err)
 		}
+	}
+	if first {
+		// The file is made once a source answered: a fetch waiting on a source that never does
+		// holds no file.
+		f, err := os.CreateTemp(s.ingestDir(), "fetch-")
+		if err != nil {
+			ing.mu.Lock()
+			ing.reserved = reserved // released when the fetch ends
+			ing.mu.Unlock()
+			return false, fmt.Errorf("%w: fetch %s: %w", errPermanent, ing.d, err)
+		}
+		ing.file = f
 	}
 	ing.mu.Lock()
 	if first {
