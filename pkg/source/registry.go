@@ -519,14 +519,33 @@ func mediaType(resp *http.Response) string {
 	return mt
 }
 
-// parseContentRange parses "bytes start-end/total".
+// parseContentRange parses "bytes start-end/total", the one range of a registry's 206 answer, and
+// nothing else: no sign, no other spacing, nothing after the total, decimal digits only.
 func parseContentRange(h string) (start, total int64, err error) {
+	rest, ok := strings.CutPrefix(h, "bytes ")
+	first, rest, ok1 := strings.Cut(rest, "-")
+	last, length, ok2 := strings.Cut(rest, "/")
 	var end int64
-	if _, err := fmt.Sscanf(h, "bytes %d-%d/%d", &start, &end, &total); err != nil {
-		return 0, 0, fmt.Errorf("bad Content-Range %q", h)
+	if ok && ok1 && ok2 {
+		start, err = parseDecimal(first)
+		if err == nil {
+			end, err = parseDecimal(last)
+		}
+		if err == nil {
+			total, err = parseDecimal(length)
+		}
 	}
-	if start < 0 || end < start || total <= end {
+	if !ok || !ok1 || !ok2 || err != nil || end < start || total <= end {
 		return 0, 0, fmt.Errorf("bad Content-Range %q", h)
 	}
 	return start, total, nil
+}
+
+// parseDecimal parses a non-negative decimal integer of digits alone: strconv.ParseInt would also
+// take a sign.
+func parseDecimal(s string) (int64, error) {
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, fmt.Errorf("not a decimal number: %q", s)
+	}
+	return strconv.ParseInt(s, 10, 64)
 }
