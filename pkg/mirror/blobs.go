@@ -5,7 +5,9 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/textproto"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
@@ -34,6 +36,7 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 	defer func() { _ = rd.Close() }() // a reader's Close only releases it
 	w.source = rd.Source()
 	writeBlobHeaders(w, d)
+	r = withServableRange(r, rd.Size())
 	if f := rd.File(); f != nil {
 		// A complete blob: ServeContent does Range and conditional requests.
 		http.ServeContent(w, r, "", time.Time{}, f)
@@ -112,6 +115,69 @@ func fetchFrom(src source.Source, obj source.Object) content.FetchFunc {
 			// The chain checked the size against the manifest's, if one listed the blob.
 			SizeTrusted: !c.Untrusted || obj.Size > 0}, nil
 	}
+}
+
+// withServableRange returns r with a Range header that http.ServeContent answers correctly for a
+// blob of size bytes. ServeContent answers a range of no bytes, a suffix range of length 0 (bytes=-0)
+// or any suffix range of an empty blob, with a 206 whose Content-Range ends before it starts ("bytes
+// 1000-999/1000", "bytes 0--1/0"; golang/go#81262), which clients may take for a broken answer. Such
+// ranges select nothing: they are dropped, and a request left without ranges is answered 416 with the
+// blob's size, as ServeContent does for a range past the end. Range on an empty blob is ignored (200),
+// as ServeContent does for empty content that no range overlaps.
+func withServableRange(r *http.Request, size int64) *http.Request {
+	h := r.Header.Get("Range")
+	fixed := servableRange(h, size)
+	if fixed == h {
+		return r
+	}
+	r = r.Clone(r.Context())
+	if fixed == "" {
+		r.Header.Del("Range")
+	} else {
+		r.Header.Set("Range", fixed)
+	}
+	return r
+}
+
+func servableRange(h string, size int64) string {
+	specs, ok := strings.CutPrefix(h, "bytes=")
+	if !ok {
+		return h // no Range, or one ServeContent refuses
+	}
+	if size == 0 {
+		return ""
+	}
+	var kept []string
+	dropped, left := false, false
+	for spec := range strings.SplitSeq(specs, ",") {
+		if zeroSuffix(spec) {
+			dropped = true
+			continue
+		}
+		kept = append(kept, spec)
+		left = left || textproto.TrimString(spec) != ""
+	}
+	switch {
+	case !dropped:
+		return h
+	case !left:
+		return "bytes=" + strconv.FormatInt(size, 10) + "-" // past the end: 416, bytes */size
+	}
+	return "bytes=" + strings.Join(kept, ",")
+}
+
+// zeroSuffix says whether a byte-range-spec is a suffix range of length 0, read as ServeContent reads it.
+func zeroSuffix(spec string) bool {
+	start, end, ok := strings.Cut(textproto.TrimString(spec), "-")
+	if !ok || textproto.TrimString(start) != "" {
+		return false
+	}
+	end = textproto.TrimString(end)
+	if end == "" || end[0] == '-' {
+		return false
+	}
+	n, err := strconv.ParseInt(end, 10, 64)
+	return err == nil && n == 0
 }
 
 // failingReader remembers the error that ended a read, which ServeContent does not report.
