@@ -33,6 +33,7 @@ func FuzzParse(f *testing.F) {
 		"registries: [{host: 'null', imageSource: '~', endpoint: 'yes', prefetch: ['0x10', '1e3', 'true', '']}]",
 		"registries: [{host: \"\\xe9\", imageSource: \"\\ud800\"}]",
 		"registries: [{host: \"a\\u0000b\", imageSource: \"\\t\\n\"}]",
+		"registries: [{host: \"a\\u0080b\", imageSource: x}]",                                // a control character YAML cannot write
 		"registries: [{host: \"\\xe9\", imageSource: x}, {host: \"\\xe8\", imageSource: y}]", // one host once invalid UTF-8 is replaced
 		// Invalid ones.
 		"registries: [{host: a.test, imageSource: x, mirrorOf: y}]",

@@ -83,6 +83,11 @@ func Parse(b []byte) (Document, error) {
 		}
 		seen[r.Host] = true
 	}
+	// A document Marshal cannot write (YAML refuses control characters that JSON escapes) is none
+	// the controller wrote, and none it could write again.
+	if _, err := d.Marshal(); err != nil {
+		return Document{}, fmt.Errorf("mirror configuration: %w", err)
+	}
 	return d, nil
 }
 
