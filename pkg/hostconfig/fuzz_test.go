@@ -34,6 +34,7 @@ func FuzzRender(f *testing.F) {
 		{"ghcr.io", "https://ghcr.io", `http://127.0.0.1:5000/x"]#'`, "a\"\nskip_verify = true\n[host.\"x\"]", "", false},
 		{"ghcr.io", "https://ghcr.io", "http://127.0.0.1:5000/'''\"\"\"\\u0000", "ca'''\\", "", false},
 		{"ghcr.io", "https://ghcr.io?x=\"a\"#]", "http://a%22b:5000", "\x00\x7f\u2028", "", false},
+		{"ghcr.io", "https://ghcr.io", "http://127.0.0.1:5000/\xb1", "/etc/\xb1.pem", "", false}, // not UTF-8
 		// Hosts and URLs that must be refused.
 		{"../etc", "", "http://127.0.0.1:5000", "", "", false},
 		{"..", "", "http://127.0.0.1:5000", "", "", false},

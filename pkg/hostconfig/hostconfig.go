@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/distribution/reference"
 	"github.com/pelletier/go-toml/v2"
@@ -106,6 +107,10 @@ func Render(r Registry) ([]byte, error) {
 		if err := checkURL(m.URL); err != nil {
 			return nil, fmt.Errorf("registry %s: mirror: %w", r.Host, err)
 		}
+		if !utf8.ValidString(m.CA) {
+			// TOML strings are UTF-8: go-toml would write another path than the one given.
+			return nil, fmt.Errorf("registry %s: mirror %s: CA path %q is not UTF-8", r.Host, m.URL, m.CA)
+		}
 		caps := m.Capabilities
 		if len(caps) == 0 {
 			caps = []string{"pull", "resolve"}
@@ -125,6 +130,9 @@ func Render(r Registry) ([]byte, error) {
 }
 
 func checkURL(s string) error {
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("%q is not UTF-8", s)
+	}
 	u, err := url.Parse(s)
 	if err != nil {
 		return err
