@@ -5,9 +5,9 @@
 #     ca-certificates (the bundle `make images` puts into the images), chromium (the status page)
 #   - built from Go modules into ~/.cache/imagemesh/tools (reused when present): the distribution
 #     registry, crane, containerd 2.x (and its runc shim), Kubernetes (kube-apiserver, kubelet and the
-#     rest of a cluster), helm, controller-gen, kubo, and a testplanet
-#     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite), and the OCI
-#     distribution-spec conformance suite
+#     rest of a cluster), helm, controller-gen, kubo, a testplanet
+#     test binary (a real Storj satellite and storage nodes; needs gcc for sqlite), Storj's linksharing,
+#     and the OCI distribution-spec conformance suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-tools=(registry crane containerd2 kubernetes helm controller-gen kubo storj-planet oci-conformance golangci-lint helm-docs)
+tools=(registry crane containerd2 kubernetes helm controller-gen kubo storj-planet linksharing oci-conformance golangci-lint helm-docs)
 bin=$(hack/tools/build.sh "${tools[@]}" | tail -n 1)
 # envtest finds kube-apiserver and etcd in one directory (KUBEBUILDER_ASSETS): Debian's etcd joins
 # the built tools there.

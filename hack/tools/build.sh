@@ -22,6 +22,13 @@ declare -A pkg=(
   [kubo]=github.com/ipfs/kubo/cmd/ipfs
   # A test binary, not a command: testplanet runs a satellite and storage nodes only inside a test.
   [storj-planet]=test:storj-planet
+  # Storj's linksharing, which serves a bucket over HTTP: module storj.io/edge (once storj.io/gateway-mt)
+  # v1.114.0, the one version of it the module proxy serves. The storj.io/minio that version requires
+  # is refused, so go.mod replaces it with the one edge v1.110.0 to v1.113.0 built with, and
+  # github.com/amwolff/awsig with the one that minio requires. The checksum database knows neither
+  # module: their go.sum lines came from the proxy (GONOSUMDB=storj.io/minio,github.com/amwolff/awsig
+  # for `go get` and `go mod tidy`); a build reads go.sum alone.
+  [linksharing]=storj.io/edge/cmd/linksharing
   # The OCI distribution-spec conformance suite (a command named conformance).
   [oci-conformance]=github.com/opencontainers/distribution-spec/conformance
   # make check's linter, and the generator of the chart's README from values.yaml.
