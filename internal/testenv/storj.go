@@ -3,9 +3,7 @@ package testenv
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -13,7 +11,6 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -191,48 +188,87 @@ func (s *Storj) Grant(t testing.TB, passphrase string) string {
 // Stop shuts the network down now (a network that is down); Cleanup is then a no-op.
 func (s *Storj) Stop() { s.proc.stop(30 * time.Second) }
 
-// StartLinkshare serves the objects of a bucket over plain HTTP as Storj linksharing does in its raw
-// mode: GET and HEAD of /<key>, with the object's "content-type" metadata as Content-Type, and nothing
-// else (no registry logic). It stands in for linksharing, which is a service of its own.
-func (s *Storj) StartLinkshare(t testing.TB, bucket string) string {
+// Linksharing is Storj's linksharing service (storj.io/edge cmd/linksharing, built by
+// hack/tools/build.sh linksharing) in front of a test network: it serves a bucket's objects over
+// plain HTTP to anyone holding an access grant, which the URL carries.
+type Linksharing struct {
+	// URL is where it listens: http://127.0.0.1:port.
+	URL string
+}
+
+// StartLinksharing starts linksharing for the network, over plain HTTP on 127.0.0.1, with no auth
+// service (URLs carry serialized access grants, not access key IDs), no telemetry and no tracing. It
+// starts serving only once it has dialed the network's satellite.
+func (s *Storj) StartLinksharing(t testing.TB) *Linksharing {
 	t.Helper()
-	project := s.Project(t)
-	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			http.Error(w, "read only", http.StatusMethodNotAllowed)
-			return
+	bin := Tool(t, "linksharing")
+	dir := shortTempDir(t, "linkshare")
+	t.Cleanup(func() { _ = os.RemoveAll(dir) }) // a temp dir: what is left is harmless
+	addr := FreeAddr(t)
+	l := &Linksharing{URL: "http://" + addr}
+	log := filepath.Join(dir, "linksharing.log")
+	p, err := startProcess(log, bin, "run",
+		"--config-dir", dir,
+		"--address", addr,
+		"--insecure-disable-tls",
+		// Requests for other hosts are website hosting, looked up in DNS: the public URL is the only
+		// host it serves links on.
+		"--public-url", l.URL,
+		"--redirect-https=false",
+		"--landing-redirect-target=",
+		"--startup-check.satellites", s.Satellite,
+		"--metrics.addr=", "--metrics.event-addr=", "--tracing.enabled=false",
+		"--debug.addr=127.0.0.1:0",
+		"--shutdown-delay=0s",
+		"--log.level=debug",
+	)
+	if err != nil {
+		t.Fatalf("start linksharing: %v", err)
+	}
+	t.Cleanup(func() {
+		p.stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("linksharing log (end):\n%s", logTail(log))
 		}
-		key := strings.TrimPrefix(r.URL.Path, "/")
-		obj, err := project.StatObject(r.Context(), bucket, key)
-		if errors.Is(err, uplink.ErrObjectNotFound) {
-			http.NotFound(w, r)
-			return
-		} else if err != nil {
-			http.Error(w, err.Error(), http.StatusBadGateway)
-			return
-		}
-		if ct := obj.Custom["content-type"]; ct != "" {
-			w.Header().Set("Content-Type", ct)
-		} else {
-			w.Header().Set("Content-Type", "application/octet-stream")
-		}
-		w.Header().Set("Content-Length", strconv.FormatInt(obj.System.ContentLength, 10))
-		if r.Method == http.MethodHead {
-			return
-		}
-		dl, err := project.DownloadObject(r.Context(), bucket, key, nil)
+	})
+	err = waitReady(p, 60*time.Second, func() error {
+		resp, err := http.Get(l.URL + "/health/process")
 		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadGateway)
-			return
+			return err
 		}
-		defer dl.Close()
-		io.Copy(w, dl)
-	})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+		_ = resp.Body.Close() // only the status matters
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("health: HTTP %d", resp.StatusCode)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("linksharing: %v\n%s", err, logTail(log))
+	}
+	return l
+}
+
+// Raw is the URL under which linksharing serves the objects of bucket as they are (its raw mode, no
+// HTML around them), read with the serialized access grant: <URL>/raw/<grant>/<bucket>/<key>.
+func (l *Linksharing) Raw(grant, bucket string) string {
+	return l.URL + "/raw/" + grant + "/" + bucket
+}
+
+// ShareGrant returns a serialized access grant that can only read and list bucket's objects under
+// prefix ("" for all of them): what one hands to linksharing.
+func (s *Storj) ShareGrant(t testing.TB, bucket, prefix string) string {
+	t.Helper()
+	access, err := uplink.ParseAccess(s.Access)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return ln.Addr().String()
+	shared, err := access.Share(uplink.ReadOnlyPermission(), uplink.SharePrefix{Bucket: bucket, Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := shared.Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

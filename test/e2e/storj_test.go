@@ -1,7 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -78,8 +82,8 @@ func storjAgentConfig(t testing.TB, endpoint, accessFile, hosts string) string {
 
 // TestPushToStorjAndPull: crane and skopeo push images through the gateway into a Storj bucket. A node
 // agent with no registry at all pulls them with containerd, through ctr (1.6) and CRI (2.x), from
-// Storj alone. The static layout the gateway exported is served by a plain HTTP server, and
-// containerd pulls from it with no agent in between.
+// Storj alone. The static layout the gateway exported is served by Storj's linksharing, and
+// containerd (1.6 and 2.x) pulls from it with no agent in between.
 func TestPushToStorjAndPull(t *testing.T) {
 	testenv.RequireRoot(t)
 	network, access := storjBucket(t)
@@ -112,29 +116,38 @@ func TestPushToStorjAndPull(t *testing.T) {
 		t.Fatalf("%v bytes fetched from Storj, want both images' layers", got)
 	}
 
-	// The static layout: a plain file server over the bucket, and containerd pulling from it
-	// directly, as from linksharing.
-	static := network.StartLinkshare(t, "images")
+	// The static layout, served by Storj's own linksharing with a grant that reads v2/ and nothing
+	// else, and containerd pulling from it directly: no agent, no registry. containerd appends
+	// /v2/<repo>/... to the mirror's path, so the mirror is the bucket's raw URL.
+	links := network.StartLinksharing(t)
+	grant := network.ShareGrant(t, "images", "v2/")
+	static := links.Raw(grant, "images")
 	direct := t.TempDir()
 	if _, err := hostconfig.Apply(direct, []hostconfig.Registry{{
-		Host: "example.test", Server: "http://" + static, Mirrors: []hostconfig.Mirror{{URL: "http://" + static}},
+		Host: "example.test", Server: static, Mirrors: []hostconfig.Mirror{{URL: static}},
 	}}); err != nil {
 		t.Fatal(err)
 	}
 	plain := testenv.StartContainerd(t, testenv.Containerd16, direct)
 	for _, img := range []string{"example.test/team/app:v1", "example.test/team/tool:v2"} {
 		if out, err := plain.CtrPull(ctx(t), img); err != nil {
-			t.Fatalf("ctr pull %s from the static layout: %v\n%s", img, err, out)
+			t.Fatalf("ctr pull %s through linksharing: %v\n%s", img, err, out)
 		}
 	}
-	if code, _, _ := get(t, "http://"+static+"/v2/"); code != http.StatusOK {
-		t.Fatalf("GET /v2/ of the static layout: %d", code)
+	cur2 := testenv.StartContainerd(t, testenv.Containerd2, direct)
+	if out, err := cur2.CRIPull(ctx(t), "example.test/team/app:v1"); err != nil {
+		t.Fatalf("CRI pull through linksharing: %v\n%s", err, out)
+	}
+	checkLinksharing(t, static)
+	// The grant reads the static layout only: the registry layout beside it stays out of reach.
+	if code, _, _ := get(t, links.Raw(grant, "images")+"/registry/docker/registry/v2/repositories/team/app/_manifests/tags/v1/current/link"); code != http.StatusForbidden {
+		t.Fatalf("the registry layout through linksharing with the v2/ grant: %d, want 403", code)
 	}
 
 	// `imagemesh storj export` writes the same layout for a repository pushed without it.
 	gw2 := startStorjGateway(t, access)
 	testenv.PushImage(t, gw2+"/team/later:v3", testenv.Layer{Size: 1 << 20})
-	if code, _, _ := get(t, "http://"+static+"/v2/team/later/manifests/v3"); code != http.StatusNotFound {
+	if code, _, _ := get(t, static+"/v2/team/later/manifests/v3"); code != http.StatusNotFound {
 		t.Fatalf("static layout written without --static-layout: %d", code)
 	}
 	out := imagemesh(t, "storj", "export", "--storj-access-file", access, "--storj-bucket", "images", "--storj-prefix", "registry", "--repository", "team/later")
@@ -143,6 +156,83 @@ func TestPushToStorjAndPull(t *testing.T) {
 	}
 	if out, err := plain.CtrPull(ctx(t), "example.test/team/later:v3"); err != nil {
 		t.Fatalf("ctr pull of the exported image: %v\n%s", err, out)
+	}
+}
+
+// checkLinksharing checks, under base (a registry's /v2/ root as linksharing serves it), what a
+// registry client relies on: the manifest's media type as Content-Type, on GET and HEAD; blobs whole
+// and in ranges (a pull that broke off resumes with Range); 404 for what is not there; and /v2/.
+func checkLinksharing(t *testing.T, base string) {
+	t.Helper()
+	// reply is what the client got: the body is read whole and closed.
+	type reply struct {
+		code   int
+		header http.Header
+		length int64
+		body   []byte
+	}
+	do := func(method, url string, header ...string) reply {
+		t.Helper()
+		req, err := http.NewRequest(method, url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i+1 < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = resp.Body.Close() }() // read whole below
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return reply{resp.StatusCode, resp.Header, resp.ContentLength, b}
+	}
+	man := do(http.MethodGet, base+"/v2/team/app/manifests/v1")
+	var m struct {
+		MediaType string `json:"mediaType"`
+		Layers    []struct {
+			Digest digest.Digest `json:"digest"`
+			Size   int64         `json:"size"`
+		} `json:"layers"`
+	}
+	if man.code != http.StatusOK {
+		t.Fatalf("GET manifest through linksharing: %d %s", man.code, man.body)
+	}
+	if err := json.Unmarshal(man.body, &m); err != nil || m.MediaType == "" || len(m.Layers) == 0 {
+		t.Fatalf("manifest through linksharing: %v: %s", err, man.body)
+	}
+	if ct := man.header.Get("Content-Type"); ct != m.MediaType {
+		t.Fatalf("manifest served as %q, want its media type %q", ct, m.MediaType)
+	}
+	byDigest := do(http.MethodGet, base+"/v2/team/app/manifests/"+digest.FromBytes(man.body).String())
+	if byDigest.code != http.StatusOK || !bytes.Equal(man.body, byDigest.body) {
+		t.Fatalf("manifest by digest: %d, same bytes as by tag: %v", byDigest.code, bytes.Equal(man.body, byDigest.body))
+	}
+	head := do(http.MethodHead, base+"/v2/team/app/manifests/v1")
+	if head.code != http.StatusOK || head.header.Get("Content-Type") != m.MediaType || head.length != int64(len(man.body)) {
+		t.Fatalf("HEAD manifest: %d, %q, %d bytes", head.code, head.header.Get("Content-Type"), head.length)
+	}
+
+	layer := m.Layers[0]
+	full := do(http.MethodGet, base+"/v2/team/app/blobs/"+layer.Digest.String())
+	if full.code != http.StatusOK || int64(len(full.body)) != layer.Size || digest.FromBytes(full.body) != layer.Digest {
+		t.Fatalf("GET layer: %d, %d bytes of %d, digest matches: %v", full.code, len(full.body), layer.Size, digest.FromBytes(full.body) == layer.Digest)
+	}
+	from := layer.Size / 2
+	part := do(http.MethodGet, base+"/v2/team/app/blobs/"+layer.Digest.String(), "Range", fmt.Sprintf("bytes=%d-", from))
+	if part.code != http.StatusPartialContent || !bytes.Equal(part.body, full.body[from:]) {
+		t.Fatalf("GET layer from byte %d: %d, %d bytes, the right ones: %v", from, part.code, len(part.body), bytes.Equal(part.body, full.body[from:]))
+	}
+
+	if missing := do(http.MethodGet, base+"/v2/team/app/manifests/nope"); missing.code != http.StatusNotFound {
+		t.Fatalf("GET of a tag that is not there: %d", missing.code)
+	}
+	if v2 := do(http.MethodGet, base+"/v2/"); v2.code != http.StatusOK {
+		t.Fatalf("GET /v2/ through linksharing: %d %s", v2.code, v2.body)
 	}
 }
 
