@@ -20,6 +20,7 @@ import (
 
 	"github.com/distribution/reference"
 	"github.com/pelletier/go-toml/v2"
+	"golang.org/x/net/http/httpguts"
 )
 
 // Marker is the first line of every file this package writes.
@@ -51,6 +52,9 @@ type Mirror struct {
 	SkipVerify   bool
 	// CA is a CA certificate file for a TLS mirror.
 	CA string
+	// Header is sent with every request containerd makes to this mirror (and never to the server):
+	// the agent's node token. A file with a header is written readable by its owner only.
+	Header map[string]string
 }
 
 type hostsFile struct {
@@ -62,6 +66,9 @@ type hostEntry struct {
 	Capabilities []string `toml:"capabilities"`
 	SkipVerify   bool     `toml:"skip_verify,omitempty"`
 	CA           string   `toml:"ca,omitempty"`
+	// Header is containerd's [host."<url>".header] table: name = value, sent on every request to
+	// that host (containerd 1.5 and later).
+	Header map[string]string `toml:"header,omitempty"`
 }
 
 // DefaultServer is the upstream endpoint containerd uses for a registry host without a server.
@@ -120,7 +127,13 @@ func Render(r Registry) ([]byte, error) {
 				return nil, fmt.Errorf("registry %s: mirror %s: capability %q: the agent only pulls and resolves", r.Host, m.URL, c)
 			}
 		}
-		f.Host[m.URL] = hostEntry{Capabilities: caps, SkipVerify: m.SkipVerify, CA: m.CA}
+		for name, value := range m.Header {
+			if !httpguts.ValidHeaderFieldName(name) || !httpguts.ValidHeaderFieldValue(value) {
+				// The value is a secret: the error names the header only.
+				return nil, fmt.Errorf("registry %s: mirror %s: header %q: invalid name or value", r.Host, m.URL, name)
+			}
+		}
+		f.Host[m.URL] = hostEntry{Capabilities: caps, SkipVerify: m.SkipVerify, CA: m.CA, Header: m.Header}
 	}
 	body, err := toml.Marshal(f)
 	if err != nil {
@@ -144,7 +157,9 @@ func checkURL(s string) error {
 }
 
 // Apply writes the hosts.toml of each registry under dir (dir/<host>/hosts.toml), atomically, and
-// reports the hosts whose file changed. It does not touch files of other registries.
+// reports the hosts whose file changed. It does not touch files of other registries. A file that
+// carries a header (a secret) is readable by its owner only (containerd runs as root); others are
+// readable by all, as containerd's own examples are.
 func Apply(dir string, registries []Registry) (changed []string, err error) {
 	var errs []error
 	for _, r := range registries {
@@ -153,6 +168,7 @@ func Apply(dir string, registries []Registry) (changed []string, err error) {
 			errs = append(errs, err)
 			continue
 		}
+		perm := fileMode(r)
 		path := filepath.Join(dir, r.Host, FileName)
 		old, err := os.ReadFile(path)
 		switch {
@@ -160,12 +176,15 @@ func Apply(dir string, registries []Registry) (changed []string, err error) {
 			errs = append(errs, fmt.Errorf("%s: %w: leaving it alone", path, ErrNotManaged))
 			continue
 		case err == nil && bytes.Equal(old, body):
+			if err := ensureMode(path, perm); err != nil {
+				errs = append(errs, err)
+			}
 			continue
 		case err != nil && !errors.Is(err, fs.ErrNotExist):
 			errs = append(errs, err)
 			continue
 		}
-		if err := writeAtomic(path, body); err != nil {
+		if err := writeAtomic(path, body, perm); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -241,7 +260,32 @@ func Prune(dir string, keep []string) (removed []string, err error) {
 	return removed, errors.Join(errs...)
 }
 
-func writeAtomic(path string, body []byte) error {
+// fileMode is the mode of a registry's hosts.toml: the owner's alone when it holds a header.
+func fileMode(r Registry) fs.FileMode {
+	for _, m := range r.Mirrors {
+		if len(m.Header) > 0 {
+			return 0o600
+		}
+	}
+	return 0o644
+}
+
+// ensureMode gives an unchanged file the mode it should have.
+func ensureMode(path string, perm fs.FileMode) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Perm() == perm {
+		return nil
+	}
+	if err := os.Chmod(path, perm); err != nil {
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return nil
+}
+
+func writeAtomic(path string, body []byte, perm fs.FileMode) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
@@ -251,7 +295,7 @@ func writeAtomic(path string, body []byte) error {
 	}
 	_, err = tmp.Write(body)
 	if err == nil {
-		err = tmp.Chmod(0o644)
+		err = tmp.Chmod(perm)
 	}
 	if err == nil {
 		err = tmp.Sync()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/pelletier/go-toml/v2"
@@ -92,5 +93,71 @@ func TestApplyRemoveOwnsOnlyItsFiles(t *testing.T) {
 	leftovers, _ := filepath.Glob(filepath.Join(dir, "*", ".hosts.toml-*"))
 	if len(leftovers) != 0 {
 		t.Errorf("temp files left: %v", leftovers)
+	}
+}
+
+// TestRenderHeaderTable: the node token goes into containerd's [host."<mirror>".header] table of
+// the mirror (and not to the server, which is the upstream registry), and a file that holds it is
+// readable by its owner only.
+func TestRenderHeaderTable(t *testing.T) {
+	const token = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	r := Registry{Host: "docker.io", Mirrors: []Mirror{{URL: "http://10.0.0.1:30020", Header: map[string]string{"X-Imagemesh-Node-Token": token}}}}
+	body, err := Render(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// containerd's own shape of the file (core/remotes/docker/config/hosts.go: hostFileConfig).
+	var got struct {
+		Server string         `toml:"server"`
+		Header map[string]any `toml:"header"`
+		Host   map[string]struct {
+			Capabilities []string       `toml:"capabilities"`
+			Header       map[string]any `toml:"header"`
+		} `toml:"host"`
+	}
+	if err := toml.Unmarshal(body, &got); err != nil {
+		t.Fatalf("rendered file is not TOML: %v\n%s", err, body)
+	}
+	if len(got.Header) != 0 {
+		t.Errorf("a header for the server (the upstream registry): %v", got.Header)
+	}
+	h := got.Host["http://10.0.0.1:30020"]
+	if len(h.Header) != 1 || h.Header["X-Imagemesh-Node-Token"] != token {
+		t.Errorf("mirror's header table = %v\n%s", h.Header, body)
+	}
+	if !strings.Contains(string(body), "[host.'http://10.0.0.1:30020'.header]") {
+		t.Errorf("no [host.'<mirror>'.header] table:\n%s", body)
+	}
+
+	dir := t.TempDir()
+	if _, err := Apply(dir, []Registry{r, {Host: "ghcr.io", Mirrors: []Mirror{{URL: "http://10.0.0.1:30020"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	for host, want := range map[string]os.FileMode{"docker.io": 0o600, "ghcr.io": 0o644} {
+		fi, err := os.Stat(filepath.Join(dir, host, FileName))
+		if err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, %v; want %v", host, fi.Mode().Perm(), err, want)
+		}
+	}
+	// An unchanged file whose mode was widened is narrowed again.
+	path := filepath.Join(dir, "docker.io", FileName)
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := Apply(dir, []Registry{r}); err != nil || len(changed) != 0 {
+		t.Fatalf("Apply of the same file: %v, %v", changed, err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode after Apply: %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
+
+	// A value that would end the line (or the file's TOML) is refused, and the error does not
+	// repeat it.
+	bad := Registry{Host: "docker.io", Mirrors: []Mirror{{URL: "http://10.0.0.1:30020", Header: map[string]string{"X-Imagemesh-Node-Token": "secret\nserver = 'https://evil'"}}}}
+	if _, err := Render(bad); err == nil || strings.Contains(err.Error(), "secret") {
+		t.Errorf("Render of a header value with a newline: %v", err)
+	}
+	if _, err := Render(Registry{Host: "docker.io", Mirrors: []Mirror{{URL: "http://10.0.0.1:30020", Header: map[string]string{"Bad Name": "v"}}}}); err == nil {
+		t.Error("Render accepted a header name with a space")
 	}
 }
