@@ -316,8 +316,10 @@ start_node 2 $(peer_args 2) --bootstrap "$(node1_addr)"
 wait_peers 2 1
 for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
 blob="v2/bench/app/blobs/$layer?ns=example.test"
-http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5000/$blob")
-p2p_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.2:5000/$blob")
+# The agents write hosts.toml, so their pull API wants each node's token (what containerd sends).
+token() { echo "X-Imagemesh-Node-Token: $(cat "$work/n$1/agent/node-token")"; }
+http_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
+p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
 layer_ok 2 || fail "node 2 holds no intact layer"
 echo
 echo "| $NODES nodes pull one $SIZE_MIB MiB image at once, upstream link $UPSTREAM_RATE | every ctr pull done | every agent holds the layer | upstream bytes | × image |"

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -82,6 +83,8 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.StringVar(&cfg.HostConfig.Dir, "hosts-dir", cfg.HostConfig.Dir, "containerd's registry config_path to write hosts.toml into, e.g. /etc/containerd/certs.d")
 	f.StringSliceVar(&cfg.HostConfig.Registries, "mirror-registry", cfg.HostConfig.Registries, "registries to point at this agent in --hosts-dir (repeatable)")
 	f.StringVar(&cfg.HostConfig.MirrorURL, "mirror-url", cfg.HostConfig.MirrorURL, "URL containerd reaches this agent at (default: http://<listen>)")
+	f.Var(optionalBool{&cfg.RequireNodeToken}, "require-node-token", "answer /v2/ requests only with the node token, which the agent writes into its hosts.toml (default: true with --hosts-dir, else false)")
+	f.Lookup("require-node-token").NoOptDefVal = "true"
 	f.StringArrayVar(&cfg.Peering.Listen, "peer-listen", cfg.Peering.Listen, "libp2p multiaddr to listen on for peers, e.g. /ip4/0.0.0.0/tcp/5001; turns peering on (repeatable)")
 	f.StringVar(&cfg.Peering.KeyFile, "peer-key", cfg.Peering.KeyFile, "file with the cluster's pre-shared key (swarm.key format)")
 	f.BoolVar(&cfg.Peering.Open, "peer-open", cfg.Peering.Open, "peer without a key: any host that reaches --peer-listen can fetch from the cache")
@@ -128,6 +131,28 @@ func (k kubernetesService) Set(s string) error {
 }
 
 func (kubernetesService) Type() string { return "NAMESPACE/NAME" }
+
+// optionalBool is a bool flag whose absence leaves the configuration's choice (nil: the default
+// that depends on other settings).
+type optionalBool struct{ p **bool }
+
+func (o optionalBool) String() string {
+	if o.p == nil || *o.p == nil {
+		return ""
+	}
+	return strconv.FormatBool(**o.p)
+}
+
+func (o optionalBool) Set(s string) error {
+	v, err := strconv.ParseBool(s)
+	if err != nil {
+		return err
+	}
+	*o.p = &v
+	return nil
+}
+
+func (optionalBool) Type() string { return "bool" }
 
 // hostPorts is a repeatable HOST:PORT flag. Like pflag's string arrays, the first use replaces the
 // file's list and later uses add to it.

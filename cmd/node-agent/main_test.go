@@ -106,3 +106,38 @@ func TestEveryFlagInREADME(t *testing.T) {
 }
 
 var flagName = regexp.MustCompile("`--([a-z0-9-]+)")
+
+// TestRequireNodeTokenFlag: absent, the file's choice (or none) stays; given, it wins either way.
+func TestRequireNodeTokenFlag(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "agent.yaml")
+	mustWriteFile(t, file, "requireNodeToken: false\nhostConfig: {dir: /etc/containerd/certs.d}\n")
+	for _, c := range []struct {
+		args []string
+		want bool
+	}{
+		{nil, false},
+		{[]string{"--hosts-dir", "/etc/containerd/certs.d"}, true},
+		{[]string{"--hosts-dir", "/etc/containerd/certs.d", "--require-node-token=false"}, false},
+		{[]string{"--require-node-token"}, true},
+		{[]string{"--config", file}, false},
+		{[]string{"--config", file, "--require-node-token"}, true},
+	} {
+		cfg, err := configOf(t, c.args...)
+		if err != nil {
+			t.Fatalf("%v: %v", c.args, err)
+		}
+		if got := cfg.NodeTokenRequired(); got != c.want {
+			t.Errorf("%v: node token required %v, want %v", c.args, got, c.want)
+		}
+	}
+	if _, err := configOf(t, "--require-node-token=maybe"); err == nil {
+		t.Error("--require-node-token=maybe accepted")
+	}
+}
+
+func mustWriteFile(t *testing.T, path, body string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

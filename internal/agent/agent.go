@@ -83,6 +83,20 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// The agent as containerd reaches it, with the node token in a header when the API requires it.
+	mirrorHost := hostconfig.Mirror{URL: lns.mirrorURL}
+	var nodeToken string
+	if cfg.NodeTokenRequired() {
+		token, created, err := loadNodeToken(cfg.DataDir)
+		if err != nil {
+			return err
+		}
+		nodeToken = token
+		mirrorHost.Header = map[string]string{mirror.NodeTokenHeader: token}
+		// Where the token is, never the token.
+		log.Info("the pull API answers only requests with the node token", "header", mirror.NodeTokenHeader,
+			"file", filepath.Join(cfg.DataDir, NodeTokenFile), "new", created)
+	}
 	m, err := mirror.New(mirror.Options{
 		Store:           store,
 		Source:          src.trusted,
@@ -90,6 +104,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Registries:      cfg.Registries,
 		TagTTL:          time.Duration(cfg.TagTTL),
 		TagDir:          filepath.Join(cfg.DataDir, "tags"),
+		NodeToken:       nodeToken,
 		Registerer:      reg,
 		Logger:          log.With("component", "mirror"),
 	})
@@ -99,7 +114,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	var cs *clustersync.Sync
 	if !cfg.Cluster.ConfigMap.IsZero() {
-		if cs, err = newClusterSync(cfg, lns.mirrorURL, m, src, reg, log.With("component", "cluster")); err != nil {
+		if cs, err = newClusterSync(cfg, mirrorHost, m, src, reg, log.With("component", "cluster")); err != nil {
 			return err
 		}
 		// Until the cluster's configuration is applied, only what the agent's own configuration names.
@@ -132,7 +147,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	// The port is held, so containerd is never pointed at a port nobody holds.
 	if cfg.HostConfig.Dir != "" && len(cfg.HostConfig.Registries) > 0 {
-		if err := applyHostConfig(cfg, lns.mirrorURL, log); err != nil {
+		if err := applyHostConfig(cfg, mirrorHost, log); err != nil {
 			return err
 		}
 	}
@@ -231,7 +246,7 @@ func newSources(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*sourc
 	}, nil
 }
 
-func newClusterSync(cfg Config, mirrorURL string, m *mirror.Mirror, src *sources, reg prometheus.Registerer, log *slog.Logger) (*clustersync.Sync, error) {
+func newClusterSync(cfg Config, mirrorHost hostconfig.Mirror, m *mirror.Mirror, src *sources, reg prometheus.Registerer, log *slog.Logger) (*clustersync.Sync, error) {
 	client, err := connectKubernetes(cfg.Kubeconfig)
 	if err != nil {
 		return nil, fmt.Errorf("cluster configuration: %w", err)
@@ -242,7 +257,7 @@ func newClusterSync(cfg Config, mirrorURL string, m *mirror.Mirror, src *sources
 		Node:             cfg.Cluster.NodeName,
 		DaemonSet:        cfg.Cluster.DaemonSet.NamespacedName,
 		HostsDir:         cfg.HostConfig.Dir,
-		MirrorURL:        mirrorURL,
+		MirrorHost:       mirrorHost,
 		StaticHosts:      cfg.HostConfig.Registries,
 		StaticRegistries: cfg.Registries,
 		StaticSources:    src.static,
@@ -319,18 +334,19 @@ func upstreamSummary(ups []Upstream) string {
 	return strings.Join(parts, ", ")
 }
 
-func applyHostConfig(cfg Config, mirrorURL string, log *slog.Logger) error {
+func applyHostConfig(cfg Config, mirrorHost hostconfig.Mirror, log *slog.Logger) error {
 	servers := map[string]string{}
 	for _, u := range cfg.Upstreams {
 		servers[u.Host] = strings.TrimSuffix(u.Endpoint, "/")
 	}
 	var regs []hostconfig.Registry
 	for _, host := range cfg.HostConfig.Registries {
-		regs = append(regs, hostconfig.Registry{Host: host, Server: servers[host], Mirrors: []hostconfig.Mirror{{URL: mirrorURL}}})
+		regs = append(regs, hostconfig.Registry{Host: host, Server: servers[host], Mirrors: []hostconfig.Mirror{mirrorHost}})
 	}
 	changed, err := hostconfig.Apply(cfg.HostConfig.Dir, regs)
 	if len(changed) > 0 {
-		log.Info("wrote containerd hosts.toml", "dir", cfg.HostConfig.Dir, "registries", changed, "mirror", mirrorURL)
+		log.Info("wrote containerd hosts.toml", "dir", cfg.HostConfig.Dir, "registries", changed, "mirror", mirrorHost.URL,
+			"nodeToken", len(mirrorHost.Header) > 0)
 	}
 	if err != nil {
 		return fmt.Errorf("containerd host configuration: %w", err)

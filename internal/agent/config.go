@@ -45,7 +45,13 @@ type Config struct {
 	// Upstreams say how to reach registries; any other registry is reached at https://<host>.
 	Upstreams  []Upstream       `json:"upstreams,omitempty"`
 	HostConfig HostConfigConfig `json:"hostConfig"`
-	Peering    PeeringConfig    `json:"peering"`
+	// RequireNodeToken makes the pull API (/v2/) answer only requests that carry the node token,
+	// which the agent keeps in <dataDir>/node-token and writes into every hosts.toml it owns, so
+	// that only the node's containerd can pull through it. Unset: required when the agent writes
+	// hosts.toml (hostConfig.dir), not otherwise (a standalone cache for docker, crane, skopeo,
+	// which cannot send the header). See NodeTokenRequired.
+	RequireNodeToken *bool         `json:"requireNodeToken,omitempty"`
+	Peering          PeeringConfig `json:"peering"`
 	// Cluster connects the agent to the imagemesh controller's mirror configuration.
 	Cluster ClusterConfig `json:"cluster"`
 	// Kubeconfig is for an agent outside the cluster; inside, the pod's service account is used.
@@ -135,6 +141,15 @@ type ClusterConfig struct {
 	// registries until the next agent starts) and removes them once it is gone (uninstall). Empty
 	// removes them on every stop.
 	DaemonSet NamespacedName `json:"daemonSet,omitzero"`
+}
+
+// NodeTokenRequired says whether the pull API requires the node token: as RequireNodeToken says,
+// else when the agent writes containerd's hosts.toml.
+func (c *Config) NodeTokenRequired() bool {
+	if c.RequireNodeToken != nil {
+		return *c.RequireNodeToken
+	}
+	return c.HostConfig.Dir != ""
 }
 
 // Enabled says whether the agent peers.

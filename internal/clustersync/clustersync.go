@@ -72,8 +72,9 @@ type Options struct {
 	DaemonSet types.NamespacedName
 	// HostsDir is containerd's config_path; empty writes no hosts.toml.
 	HostsDir string
-	// MirrorURL is the agent as containerd reaches it.
-	MirrorURL string
+	// MirrorHost is the agent as containerd reaches it: its URL, and the header (the node token)
+	// containerd sends it, if any. Every hosts.toml the sync writes names it.
+	MirrorHost hostconfig.Mirror
 	// StaticHosts are the hosts.toml files the agent's own configuration asks for: never pruned.
 	StaticHosts []string
 	// StaticRegistries are registries the agent's own configuration allows besides the cluster's.
@@ -248,7 +249,7 @@ func (c *Sync) sync(ctx context.Context, cm *corev1.ConfigMap) error {
 		peerTags[r.Host] = r.PeersResolveTags
 		reachable = append(reachable, r)
 	}
-	hosts, files := Hosts(c.opts.StaticHosts, reachable, endpoints, c.opts.MirrorURL)
+	hosts, files := Hosts(c.opts.StaticHosts, reachable, endpoints, c.opts.MirrorHost)
 	if err := c.opts.Upstream.SetEndpoints(endpoints); err != nil {
 		return err
 	}

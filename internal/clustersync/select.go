@@ -36,9 +36,10 @@ func Select(regs []mirrorconfig.Registry, nodeLabels map[string]string) ([]mirro
 }
 
 // Hosts returns the registries the node mirrors (the agent's own, then regs) and the hosts.toml
-// files for regs: each points containerd at mirrorURL, with the registry's endpoint as the server
-// containerd falls back to when the agent does not answer.
-func Hosts(static []string, regs []mirrorconfig.Registry, endpoints map[string]source.Endpoint, mirrorURL string) ([]string, []hostconfig.Registry) {
+// files for regs: each points containerd at mirror (the agent's URL, and the node token it must
+// send), with the registry's endpoint as the server containerd falls back to when the agent does
+// not answer.
+func Hosts(static []string, regs []mirrorconfig.Registry, endpoints map[string]source.Endpoint, mirror hostconfig.Mirror) ([]string, []hostconfig.Registry) {
 	hosts := slices.Clone(static)
 	files := make([]hostconfig.Registry, 0, len(regs))
 	for _, r := range regs {
@@ -47,7 +48,7 @@ func Hosts(static []string, regs []mirrorconfig.Registry, endpoints map[string]s
 			server = strings.TrimSuffix(ep.URL.String(), "/")
 		}
 		hosts = append(hosts, r.Host)
-		files = append(files, hostconfig.Registry{Host: r.Host, Server: server, Mirrors: []hostconfig.Mirror{{URL: mirrorURL}}})
+		files = append(files, hostconfig.Registry{Host: r.Host, Server: server, Mirrors: []hostconfig.Mirror{mirror}})
 	}
 	return hosts, files
 }

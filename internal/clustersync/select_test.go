@@ -65,14 +65,15 @@ func TestHostsListsStaticThenSelected(t *testing.T) {
 		"ghcr.io":           ep("https://ghcr.io/"),
 		"private.test:5000": ep("http://10.0.0.5:5000"),
 	}
-	hosts, files := Hosts([]string{"docker.io"}, regs, endpoints, "http://10.0.0.1:5000")
+	agent := hostconfig.Mirror{URL: "http://10.0.0.1:5000", Header: map[string]string{"X-Imagemesh-Node-Token": "t0ken"}}
+	hosts, files := Hosts([]string{"docker.io"}, regs, endpoints, agent)
 	if want := []string{"docker.io", "ghcr.io", "private.test:5000", "only-sources.test"}; !slices.Equal(hosts, want) {
 		t.Errorf("hosts %v, want %v", hosts, want)
 	}
 	want := []hostconfig.Registry{
-		{Host: "ghcr.io", Server: "https://ghcr.io", Mirrors: []hostconfig.Mirror{{URL: "http://10.0.0.1:5000"}}},
-		{Host: "private.test:5000", Server: "http://10.0.0.5:5000", Mirrors: []hostconfig.Mirror{{URL: "http://10.0.0.1:5000"}}},
-		{Host: "only-sources.test", Mirrors: []hostconfig.Mirror{{URL: "http://10.0.0.1:5000"}}},
+		{Host: "ghcr.io", Server: "https://ghcr.io", Mirrors: []hostconfig.Mirror{agent}},
+		{Host: "private.test:5000", Server: "http://10.0.0.5:5000", Mirrors: []hostconfig.Mirror{agent}},
+		{Host: "only-sources.test", Mirrors: []hostconfig.Mirror{agent}},
 	}
 	if len(files) != len(want) {
 		t.Fatalf("files %+v, want %+v", files, want)

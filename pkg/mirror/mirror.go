@@ -8,6 +8,7 @@ package mirror
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -51,8 +52,12 @@ type Options struct {
 	// mirror answers 429 TOOMANYREQUESTS at once. Requests the store answers alone are not counted.
 	// Defaults: DefaultMaxSourceRequests, DefaultMaxSourceRequestsPerClient.
 	MaxSourceRequests, MaxSourceRequestsPerClient int
-	Registerer                                    prometheus.Registerer
-	Logger                                        *slog.Logger
+	// NodeToken, if set, is required in the NodeTokenHeader of every /v2 request: the node's
+	// containerd sends it (the agent writes it into the hosts.toml files it owns), other clients
+	// get 401 UNAUTHORIZED. Empty serves anyone who reaches the port.
+	NodeToken  string
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
 }
 
 // Defaults of Options.
@@ -63,6 +68,9 @@ const (
 	// a minute, long enough that a burst of pulls asks the registry once.
 	DefaultTagTTL = 30 * time.Second
 )
+
+// NodeTokenHeader carries the node token (Options.NodeToken) on requests to the mirror.
+const NodeTokenHeader = "X-Imagemesh-Node-Token"
 
 // Mirror is an http.Handler for the /v2/ pull API.
 type Mirror struct {
@@ -162,6 +170,13 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	rw.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	if !m.authorized(r) {
+		// No WWW-Authenticate: there is nothing a client could log in with. containerd goes on to its
+		// next host (the registry).
+		m.writeError(rw, 0, errcode.ErrorCodeUnauthorized.WithMessage(
+			"this mirror serves its node's containerd only (the "+NodeTokenHeader+" header of its hosts.toml)"))
+		return
+	}
 
 	path := r.URL.Path
 	if path == "/v2" || path == "/v2/" {
@@ -210,6 +225,20 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "tags":
 		m.serveTagList(rw, r, req)
 	}
+}
+
+// authorized says whether r carries the node token, when one is required. Every value of the
+// header is compared in full, in time that does not depend on where a guess goes wrong.
+func (m *Mirror) authorized(r *http.Request) bool {
+	if m.opts.NodeToken == "" {
+		return true
+	}
+	want := []byte(m.opts.NodeToken)
+	ok := 0
+	for _, got := range r.Header.Values(NodeTokenHeader) {
+		ok |= subtle.ConstantTimeCompare([]byte(got), want)
+	}
+	return ok == 1
 }
 
 // kindLabel is the kind label of a request's metrics: manifest, blob or tags.

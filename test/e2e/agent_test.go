@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
 )
 
 var agentBin, controllerBin, imagemeshBin string
@@ -209,9 +210,34 @@ func (a *agent) Logs() string {
 	return string(b)
 }
 
-func get(t testing.TB, url string) (int, []byte, error) {
+// Token is the node token the agent keeps in its data dir (the agent requires it of /v2/ requests
+// when it writes hosts.toml, or when told to).
+func (a *agent) Token() string {
+	a.t.Helper()
+	b, err := os.ReadFile(filepath.Join(a.DataDir, "node-token"))
+	if err != nil {
+		a.t.Fatalf("node token: %v", err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// Get is get with the agent's node token, as its node's containerd asks.
+func (a *agent) Get(url string) (int, []byte, error) {
+	a.t.Helper()
+	return get(a.t, url, mirror.NodeTokenHeader, a.Token())
+}
+
+// get GETs url with the given header name, value pairs.
+func get(t testing.TB, url string, header ...string) (int, []byte, error) {
 	t.Helper()
-	resp, err := http.Get(url)
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Add(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return 0, nil, err
 	}

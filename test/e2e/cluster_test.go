@@ -17,6 +17,7 @@ import (
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
 )
 
 // TestClusterMirrorConfiguration runs what a cluster runs: the controller binary and a node agent in
@@ -64,6 +65,13 @@ func TestClusterMirrorConfiguration(t *testing.T) {
 		b, err := os.ReadFile(file)
 		return err == nil && strings.Contains(string(b), a.URL) && strings.Contains(string(b), reg.URL)
 	})
+	// The cluster's hosts.toml carries the node token, for the node's containerd alone.
+	if b, _ := os.ReadFile(file); !strings.Contains(string(b), "[host.'"+a.URL+"'.header]") || !strings.Contains(string(b), mirror.NodeTokenHeader+" = '"+a.Token()+"'") {
+		t.Fatalf("the cluster's hosts.toml does not carry the node token:\n%s", b)
+	}
+	if fi, err := os.Stat(file); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the cluster's hosts.toml holds a secret and is not the owner's alone: %v %v", fi.Mode().Perm(), err)
+	}
 	if got := a.Metric("imagemesh_cluster_registries"); got != 1 {
 		t.Fatalf("imagemesh_cluster_registries = %v, want 1", got)
 	}
@@ -89,7 +97,10 @@ func TestClusterMirrorConfiguration(t *testing.T) {
 	}
 
 	// A registry no ImageSource names is not pulled through the agent: it is no open proxy.
-	if code, body, _ := get(t, a.URL+"/v2/library/alpine/manifests/3.20?ns=docker.io"); code != 403 || !strings.Contains(string(body), "DENIED") {
+	if code, body, _ := get(t, a.URL+"/v2/team/app/manifests/v1?ns=example.test"); code != 401 || !strings.Contains(string(body), "UNAUTHORIZED") {
+		t.Fatalf("pull without the node token: %d %s", code, body)
+	}
+	if code, body, _ := a.Get(a.URL + "/v2/library/alpine/manifests/3.20?ns=docker.io"); code != 403 || !strings.Contains(string(body), "DENIED") {
 		t.Fatalf("pull of a registry no ImageSource names: %d %s", code, body)
 	}
 

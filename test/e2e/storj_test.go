@@ -277,7 +277,7 @@ func TestStorjCorruptAndDown(t *testing.T) {
 	if got := agent.Metric("imagemesh_content_verification_failures_total"); got < 1 {
 		t.Fatalf("verification failures: %v, want the corrupt copy caught", got)
 	}
-	code, body, _ := get(t, agent.URL+"/v2/team/app/blobs/"+layer.String()+"?ns=example.test")
+	code, body, _ := agent.Get(agent.URL + "/v2/team/app/blobs/" + layer.String() + "?ns=example.test")
 	if code != http.StatusOK || digest.FromBytes(body) != layer {
 		t.Fatalf("the agent serves %d, %d bytes that are not the layer", code, len(body))
 	}
