@@ -1,12 +1,14 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +25,7 @@ import (
 	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
+	imagemeshmirror "github.com/imagemesh/imagemesh/pkg/mirror"
 )
 
 const (
@@ -103,6 +106,10 @@ func TestMultiNodeCluster(t *testing.T) {
 			if !strings.HasPrefix(string(b), hostconfig.Marker) || !strings.Contains(string(b), mirror) {
 				t.Errorf("node%d's hosts.toml for %s is not the agent's, or does not name %s:\n%s", i, m.upstream.Host, mirror, b)
 			}
+			// It carries the node's own token, which containerd sent with every pull above.
+			if !strings.Contains(string(b), "[host.'"+mirror+"'.header]\n"+imagemeshmirror.NodeTokenHeader+" = '"+m.nodeToken(t, i)+"'") {
+				t.Errorf("node%d's hosts.toml does not carry the node's token:\n%s", i, b)
+			}
 			// The operator's own hosts.toml files are left alone.
 			b, err = os.ReadFile(filepath.Join(c.NodeRoot(i), "etc", "containerd", "certs.d", "ghcr.io", "hosts.toml"))
 			if err != nil || strings.HasPrefix(string(b), hostconfig.Marker) || !strings.Contains(string(b), c.Registry) {
@@ -110,6 +117,42 @@ func TestMultiNodeCluster(t *testing.T) {
 			}
 		}
 		m.delete(t, &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "workload", Namespace: "default"}})
+	})
+
+	// The pods' images came through the agents (Workload); the pods themselves cannot pull through
+	// them: from a pod's network namespace, the agent's hostPort and its pod IP answer the pull API
+	// 401 without the node's token, while the endpoints that must stay open answer.
+	t.Run("PodCannotPullThroughAgent", func(t *testing.T) {
+		ref := m.upstream.Host + "/team/app:v1"
+		m.runDaemonSet(t, "probe", ref)
+		agents := m.agents(t)
+		manifest := "/v2/team/app/manifests/v1?ns=" + m.upstream.Host
+		for i := 1; i <= c.Nodes; i++ {
+			node := fmt.Sprintf("node%d", i)
+			netns := m.podNetns(t, "app=probe", node)
+			for _, base := range []string{fmt.Sprintf("http://%s:%d", c.NodeIPs[i-1], agentHostPort), "http://" + agents[node] + ":5000"} {
+				if code, body := curlIn(t, netns, base+"/healthz"); code != 200 {
+					t.Fatalf("%s: a pod cannot reach its agent at %s: %d %s", node, base, code, body)
+				}
+				if code, body := curlIn(t, netns, base+manifest); code != 401 || !strings.Contains(body, `"code":"UNAUTHORIZED"`) {
+					t.Errorf("%s: a pod's GET %s%s: %d %s, want 401 UNAUTHORIZED", node, base, manifest, code, body)
+				}
+				if code, body := curlIn(t, netns, base+manifest, "-H", imagemeshmirror.NodeTokenHeader+": "+strings.Repeat("0", 64)); code != 401 {
+					t.Errorf("%s: a pod's GET %s%s with a made-up token: %d %s, want 401", node, base, manifest, code, body)
+				}
+			}
+			// The same request with the node's token (which no pod can read) is served: the 401 above
+			// is the token's doing, nothing else's.
+			hostPort := fmt.Sprintf("http://%s:%d", c.NodeIPs[i-1], agentHostPort)
+			if code, body := curlIn(t, netns, hostPort+manifest, "-H", imagemeshmirror.NodeTokenHeader+": "+m.nodeToken(t, i),
+				"-H", "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"); code != 200 {
+				t.Errorf("%s: GET with the node's token: %d %s", node, code, body)
+			}
+			if n := scrape(t, "http://"+agents[node]+":5000/metrics", "imagemesh_mirror_requests_total", `code="401"`); n < 4 {
+				t.Errorf("%s: the agent counted %v refusals, want the pod's 4", node, n)
+			}
+		}
+		m.delete(t, &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: "probe", Namespace: "default"}})
 	})
 
 	t.Run("Prefetch", func(t *testing.T) {
@@ -201,6 +244,10 @@ func TestMultiNodeCluster(t *testing.T) {
 			m.push(t, ref, 1<<20)
 			refs = append(refs, ref)
 		}
+		var tokens []string
+		for i := 1; i <= c.Nodes; i++ {
+			tokens = append(tokens, m.nodeToken(t, i))
+		}
 		upgraded := make(chan string, 1)
 		go func() {
 			out, err := exec.Command(filepath.Join(c.Tools, "helm"), "upgrade", meshRelease, "../../charts/imagemesh",
@@ -237,6 +284,13 @@ func TestMultiNodeCluster(t *testing.T) {
 			}
 		}
 		t.Logf("%d pods started during the rollout", pods)
+		// Every node's new agent kept its token: the hosts.toml files that stayed through the rollout
+		// were never stale.
+		for i := 1; i <= c.Nodes; i++ {
+			if m.nodeToken(t, i) != tokens[i-1] {
+				t.Errorf("node%d's token changed in the rollout", i)
+			}
+		}
 		m.waitRunning(t, "app=roll", pods)
 		if out := c.Kubectl(t, "get", "events", "-n", "default", "--field-selector", "reason=Failed", "-o",
 			"jsonpath={range .items[*]}{.involvedObject.name}: {.message}{\"\\n\"}{end}"); strings.Contains(out, "roll-") {
@@ -467,6 +521,62 @@ func (m *mesh) agentPods(t *testing.T) map[string]*corev1.Pod {
 		t.Fatalf("agents on %d nodes, want %d", len(byNode), m.c.Nodes)
 	}
 	return byNode
+}
+
+// nodeToken is the token node i's agent keeps in its data dir (the chart's agent.dataDir).
+func (m *mesh) nodeToken(t *testing.T, i int) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(m.c.NodeRoot(i), "var", "lib", "imagemesh", "node-token"))
+	if err != nil {
+		t.Fatalf("node%d's token: %v", i, err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// podNetns is the network namespace (/proc/<pid>/ns/net) of the running pod on node that matches
+// selector: that of its container's process, found by the container's ID in its cgroup.
+func (m *mesh) podNetns(t *testing.T, selector, node string) string {
+	t.Helper()
+	var id string
+	waitUntil(t, time.Minute, "a running pod "+selector+" on "+node, func() bool {
+		out, err := m.c.KubectlErr("get", "pods", "-n", "default", "-l", selector, "--field-selector", "spec.nodeName="+node+",status.phase=Running",
+			"-o", "jsonpath={.items[0].status.containerStatuses[0].containerID}")
+		id = strings.TrimPrefix(strings.TrimSpace(out), "containerd://")
+		return err == nil && id != ""
+	})
+	procs, err := filepath.Glob("/proc/[0-9]*/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), id) {
+			return filepath.Join(filepath.Dir(p), "ns", "net")
+		}
+	}
+	t.Fatalf("no process of container %s (%s on %s)", id, selector, node)
+	return ""
+}
+
+// curlIn GETs url with curl from the network namespace netns, as a process of that pod would, and
+// returns the status and body.
+func curlIn(t *testing.T, netns, url string, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command("nsenter", append([]string{"--net=" + netns, "curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", url}, args...)...)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("curl %s in %s: %v %s", url, netns, err, out)
+	}
+	// The body, a newline, the status (-w).
+	i := bytes.LastIndexByte(out, '\n')
+	if i < 0 {
+		t.Fatalf("curl %s: no status in %q", url, out)
+	}
+	body, code := string(out[:i]), string(out[i+1:])
+	n, err := strconv.Atoi(code)
+	if err != nil {
+		t.Fatalf("curl %s: no status in %q", url, out)
+	}
+	return n, body
 }
 
 // waitUntil polls cond until it holds, failing the test after timeout.

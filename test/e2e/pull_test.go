@@ -21,6 +21,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/peering"
 )
 
 func TestContainerdPullsThroughAgent(t *testing.T) {
@@ -43,6 +45,15 @@ func testContainerdPull(t *testing.T, v testenv.ContainerdVersion) {
 	if err != nil || !strings.Contains(string(written), a.URL) || !strings.Contains(string(written), reg.URL) {
 		t.Fatalf("hosts.toml: %v\n%s", err, written)
 	}
+	// Only this node's containerd may pull through the agent: the token the agent keeps goes in the
+	// mirror's header table, and the file is root's alone.
+	token := a.Token()
+	if !strings.Contains(string(written), "[host.'"+a.URL+"'.header]\n"+mirror.NodeTokenHeader+" = '"+token+"'") {
+		t.Fatalf("hosts.toml has no header table with the node token:\n%s", written)
+	}
+	if fi, err := os.Stat(filepath.Join(hosts, "example.test", "hosts.toml")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("hosts.toml mode %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
 
 	first := testenv.StartContainerd(t, v, hosts)
 	if out, err := first.CtrPull(ctx(t), image); err != nil {
@@ -58,6 +69,24 @@ func testContainerdPull(t *testing.T, v testenv.ContainerdVersion) {
 	}
 	if n := a.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`); n < 5<<20 {
 		t.Fatalf("agent fetched %v bytes from upstream, want both layers", n)
+	}
+	// containerd sent the header every time: no request of its was refused.
+	if n := a.Metric("imagemesh_mirror_requests_total", `code="401"`); n != 0 {
+		t.Fatalf("the agent refused %v of containerd's requests", n)
+	}
+	// Anything else on the node (a pod, standing in: crane and curl from the same host) is refused,
+	// and pulls what it wants from the registry itself, with its own credentials, or not at all.
+	refusedWithoutToken(t, a, "/team/app:v1", "example.test")
+	if strings.Contains(a.Logs(), token) {
+		t.Fatalf("the agent logged its node token")
+	}
+
+	// The agent restarts (as in a rolling update): it keeps its token, so what containerd holds
+	// stays valid.
+	a.Stop()
+	a.Start()
+	if got := a.Token(); got != token {
+		t.Fatalf("the node token changed across a restart")
 	}
 
 	// The upstream goes away, the tag's TTL passes, and a node with an empty containerd pulls again:
@@ -79,6 +108,70 @@ func testContainerdPull(t *testing.T, v testenv.ContainerdVersion) {
 	}
 	if !strings.Contains(a.Logs(), "serving the cached answer") {
 		t.Fatalf("no log line says the cached tag answer was served")
+	}
+	if n := a.Metric("imagemesh_mirror_requests_total", `code="401"`); n != 0 {
+		t.Fatalf("the restarted agent refused %v of containerd's requests", n)
+	}
+}
+
+// refusedWithoutToken checks that clients without the node token cannot pull image (/<repo>:<tag>)
+// through the agent, and that the same request with it is served.
+func refusedWithoutToken(t *testing.T, a *agent, image, ns string) {
+	t.Helper()
+	repo, tag, _ := strings.Cut(strings.TrimPrefix(image, "/"), ":")
+	out, err := exec.Command(testenv.Tool(t, "crane"), "digest", "--insecure", a.Addr+"/"+repo+":"+tag).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "UNAUTHORIZED") {
+		t.Fatalf("crane without the node token: %v %s; want UNAUTHORIZED", err, out)
+	}
+	manifest := a.URL + "/v2/" + repo + "/manifests/" + tag + "?ns=" + ns
+	accept := "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+	curl := func(args ...string) (string, string) {
+		t.Helper()
+		out, err := exec.Command("curl", append([]string{"-sS", "-w", "\n%{http_code}", "-H", accept}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("curl: %v", err)
+		}
+		body, code, _ := strings.Cut(string(out), "\n")
+		return code, body
+	}
+	for _, hdr := range [][]string{nil, {"-H", mirror.NodeTokenHeader + ": " + strings.Repeat("0", 64)}} {
+		code, body := curl(append(hdr, manifest)...)
+		if code != "401" || !strings.Contains(body, `"code":"UNAUTHORIZED"`) {
+			t.Fatalf("curl %v: %s %s; want 401 UNAUTHORIZED", hdr, code, body)
+		}
+	}
+	if code, body := curl("-H", mirror.NodeTokenHeader+": "+a.Token(), manifest); code != "200" {
+		t.Fatalf("curl with the node token: %s %s", code, body)
+	}
+}
+
+// TestNodeTokenStandalone: a standalone agent (no hosts.toml to write) requires no token, so that
+// docker, crane and skopeo pull through it (TestClientsWithoutNamespace); --require-node-token turns
+// it on. What must stay open stays open: the health endpoints, /metrics, the status page and the
+// peer info other agents find each other through.
+func TestNodeTokenStandalone(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 64 << 10})
+	a := startAgent(t, "--upstream", "example.test="+reg.URL, "--default-registry", "example.test",
+		"--require-node-token", "--peer-listen", "/ip4/127.0.0.1/tcp/0", "--peer-open")
+	refusedWithoutToken(t, a, "/team/app:v1", "example.test")
+	for _, path := range []string{"/healthz", "/readyz", "/metrics", "/", peering.InfoPath} {
+		if code, body, err := get(t, a.URL+path); err != nil || code != http.StatusOK {
+			t.Errorf("GET %s without the token: %d %v %.200s", path, code, err, body)
+		}
+	}
+	if strings.Contains(a.Logs(), a.Token()) {
+		t.Fatalf("the agent logged its node token")
+	}
+	// Off by default without --hosts-dir, and explicitly off with it.
+	for _, args := range [][]string{nil, {"--hosts-dir", t.TempDir(), "--mirror-registry", "example.test", "--require-node-token=false"}} {
+		b := startAgent(t, append([]string{"--upstream", "example.test=" + reg.URL, "--default-registry", "example.test"}, args...)...)
+		if out, err := exec.Command(testenv.Tool(t, "crane"), "digest", "--insecure", b.Addr+"/team/app:v1").CombinedOutput(); err != nil {
+			t.Errorf("agent %v: crane without a token: %v %s", args, err, out)
+		}
+		if _, err := os.Stat(filepath.Join(b.DataDir, "node-token")); !os.IsNotExist(err) {
+			t.Errorf("agent %v made a node token it does not use: %v", args, err)
+		}
 	}
 }
 
