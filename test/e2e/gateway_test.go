@@ -87,7 +87,7 @@ func TestPushToIPFSAndPull(t *testing.T) {
 			}
 			// And the CID `ipfs add --cid-version=1 --raw-leaves` gives the same bytes.
 			f := filepath.Join(t.TempDir(), "blob")
-			os.WriteFile(f, []byte(a.Run(t, "files", "read", p)), 0o644)
+			mustWrite(t, f, []byte(a.Run(t, "files", "read", p)), 0o644)
 			if added := strings.TrimSpace(a.Run(t, "add", "-Q", "--only-hash", "--cid-version=1", "--raw-leaves", f)); added != ca {
 				t.Errorf("%s: CID %s in the layout, %s from ipfs add", p, ca, added)
 			}

@@ -203,7 +203,7 @@ func (d *mfsDriver) GetContent(ctx context.Context, p string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer rc.Close()
+	defer func() { _ = rc.Close() }() // read whole below; a failed read is the error
 	return io.ReadAll(rc)
 }
 
@@ -236,9 +236,9 @@ func (d *mfsDriver) Reader(ctx context.Context, p string, offset int64) (io.Read
 	return resp.Output, nil
 }
 
-func (d *mfsDriver) Writer(ctx context.Context, p string, append bool) (driver.FileWriter, error) {
+func (d *mfsDriver) Writer(ctx context.Context, p string, resume bool) (driver.FileWriter, error) {
 	w := &writer{d: d, path: p}
-	if append {
+	if resume {
 		st, err := d.stat(ctx, p)
 		if err != nil {
 			return nil, err
@@ -362,7 +362,7 @@ func (d *mfsDriver) canonicalize(ctx context.Context, src, dst string) error {
 	if err != nil {
 		return err
 	}
-	defer resp.Close()
+	defer func() { _ = resp.Close() }() // read by add; its error is the one that matters
 	if err := d.add(ctx, dst, resp.Output); err != nil {
 		return err
 	}
@@ -477,17 +477,24 @@ func (w *writer) Close() error {
 	return w.finish()
 }
 
+// errWriterCancelled ends the upload of a cancelled writer.
+var errWriterCancelled = errors.New("cancelled")
+
 func (w *writer) Cancel(ctx context.Context) error {
 	if w.closed {
 		return errors.New("ipfs driver: writer already closed")
 	}
 	w.cancel = true
+	var uploadErr error
 	if w.pw != nil {
-		w.pw.CloseWrite(errors.New("cancelled"))
-		<-w.done
+		w.pw.CloseWrite(errWriterCancelled)
+		// The upload ends with the cancellation; any other error of it is reported with the delete's.
+		if err := <-w.done; err != nil && !errors.Is(err, errWriterCancelled) {
+			uploadErr = w.d.fail(w.path, err)
+		}
 		w.pw = nil
 	}
-	return w.d.Delete(ctx, w.path)
+	return errors.Join(uploadErr, w.d.Delete(ctx, w.path))
 }
 
 func (w *writer) Commit(context.Context) error {

@@ -182,7 +182,7 @@ func (d *bucketDriver) GetContent(ctx context.Context, p string) ([]byte, error)
 	if err != nil {
 		return nil, err
 	}
-	defer rc.Close()
+	defer func() { _ = rc.Close() }() // read whole below; a failed read is the error
 	b, err := io.ReadAll(rc)
 	if err != nil {
 		return nil, d.wrap("read", p, err)
