@@ -75,7 +75,7 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.StringVar(&cfg.Listen, "listen", cfg.Listen, "address of the pull API")
 	f.StringVar(&cfg.MetricsListen, "metrics-listen", cfg.MetricsListen, "address for /metrics, /healthz and /readyz (default: on --listen)")
 	f.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the cache")
-	f.Var(&cfg.Cache.MaxBytes, "cache-max-bytes", "size limit of the cache, in bytes or e.g. 20GiB (0: unbounded)")
+	f.Var(&cfg.Cache.MaxBytes, "cache-max-bytes", "size limit of the cache: bytes, e.g. 20GiB, or a share of the data dir's filesystem, e.g. 15% (0: unbounded)")
 	f.StringVar(&cfg.DefaultRegistry, "default-registry", cfg.DefaultRegistry, "registry of pulls that name none (no ns parameter)")
 	f.StringSliceVar(&cfg.Registries, "registry", cfg.Registries, "only pull from these registries (repeatable; default: any)")
 	f.Var(&cfg.TagTTL, "tag-ttl", "how long a tag's answer is reused before asking the upstream again")

@@ -50,8 +50,8 @@ upstreams:
 	if time.Duration(c.TagTTL) != 10*time.Second {
 		t.Errorf("tagTTL %v: the flag did not win", time.Duration(c.TagTTL))
 	}
-	if c.Cache.MaxBytes != 20<<30 {
-		t.Errorf("cache.maxBytes %d, want 20GiB", c.Cache.MaxBytes)
+	if c.Cache.MaxBytes.Bytes != 20<<30 {
+		t.Errorf("cache.maxBytes %+v, want 20GiB", c.Cache.MaxBytes)
 	}
 	if strings.Join(c.Registries, ",") != "quay.io" {
 		t.Errorf("registries %v: a list flag replaces the file's list", c.Registries)

@@ -67,8 +67,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	defer lns.close()
 
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	maxBytes, err := cfg.Cache.MaxBytes.Resolve(cfg.DataDir)
+	if err != nil {
+		return err
+	}
 	store, err := content.Open(filepath.Join(cfg.DataDir, "content"), content.Options{
-		MaxBytes:      int64(cfg.Cache.MaxBytes),
+		MaxBytes:      maxBytes,
 		HighWatermark: cfg.Cache.HighWatermark,
 		LowWatermark:  cfg.Cache.LowWatermark,
 		Registerer:    reg,
@@ -178,7 +185,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	ready.Store(true)
 	attrs := []any{"version", Version, "listen", lns.api.Addr().String(), "dataDir", cfg.DataDir,
-		"cacheMaxBytes", int64(cfg.Cache.MaxBytes), "defaultRegistry", cfg.DefaultRegistry, "upstreams", upstreamSummary(cfg.Upstreams)}
+		"cacheMaxBytes", store.MaxBytes(), "cacheLimit", cfg.Cache.MaxBytes.String(), "defaultRegistry", cfg.DefaultRegistry, "upstreams", upstreamSummary(cfg.Upstreams)}
 	if lns.ops != nil {
 		attrs = append(attrs, "metricsListen", lns.ops.Addr().String())
 	}

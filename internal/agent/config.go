@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/docker/go-units"
+	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
@@ -63,10 +64,11 @@ type Config struct {
 
 // CacheConfig bounds the content store.
 type CacheConfig struct {
-	// MaxBytes is a number of bytes or a size such as 20GiB; 0 means unbounded.
-	MaxBytes      ByteSize `json:"maxBytes"`
-	HighWatermark float64  `json:"highWatermark"`
-	LowWatermark  float64  `json:"lowWatermark"`
+	// MaxBytes is a number of bytes, a size such as 20GiB, or a share of the data dir's filesystem
+	// such as 15%; 0 means unbounded.
+	MaxBytes      CacheSize `json:"maxBytes"`
+	HighWatermark float64   `json:"highWatermark"`
+	LowWatermark  float64   `json:"lowWatermark"`
 }
 
 // Upstream is how to reach one registry.
@@ -227,8 +229,8 @@ func (c *Config) Validate() error {
 	if c.DataDir == "" {
 		errs = append(errs, errors.New("dataDir is required"))
 	}
-	if c.Cache.MaxBytes < 0 {
-		errs = append(errs, errors.New("cache.maxBytes must not be negative"))
+	if c.Cache.MaxBytes.Bytes < 0 || c.Cache.MaxBytes.Percent < 0 || c.Cache.MaxBytes.Percent > 100 {
+		errs = append(errs, errors.New("cache.maxBytes must not be negative, nor over 100%"))
 	}
 	if !(0 < c.Cache.LowWatermark && c.Cache.LowWatermark <= c.Cache.HighWatermark && c.Cache.HighWatermark <= 1) {
 		errs = append(errs, fmt.Errorf("cache watermarks: want 0 < low (%v) <= high (%v) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark))
@@ -425,6 +427,77 @@ func (b *ByteSize) String() string { return units.BytesSize(float64(*b)) }
 
 // Type names the flag's value in help.
 func (b *ByteSize) Type() string { return "size" }
+
+// CacheSize is a size in bytes (see ByteSize), or a share of a filesystem written as a percentage
+// such as 15%, which Resolve turns into bytes.
+type CacheSize struct {
+	Bytes   int64
+	Percent float64
+}
+
+// Set parses a size or a percentage.
+func (c *CacheSize) Set(s string) error {
+	if p, ok := strings.CutSuffix(strings.TrimSpace(s), "%"); ok {
+		f, err := strconv.ParseFloat(p, 64)
+		if err != nil || f <= 0 || f > 100 {
+			return fmt.Errorf("size %q: want a percentage above 0 and at most 100", s)
+		}
+		*c = CacheSize{Percent: f}
+		return nil
+	}
+	var b ByteSize
+	if err := b.Set(s); err != nil {
+		return err
+	}
+	*c = CacheSize{Bytes: int64(b)}
+	return nil
+}
+
+// String is the percentage or the size.
+func (c *CacheSize) String() string {
+	if c.Percent > 0 {
+		return strconv.FormatFloat(c.Percent, 'f', -1, 64) + "%"
+	}
+	b := ByteSize(c.Bytes)
+	return b.String()
+}
+
+// Type names the flag's value in help.
+func (c *CacheSize) Type() string { return "size|percent" }
+
+// UnmarshalJSON reads a number of bytes or a string: a size such as 20GiB, or a percentage.
+func (c *CacheSize) UnmarshalJSON(data []byte) error {
+	var n int64
+	if err := json.Unmarshal(data, &n); err == nil {
+		*c = CacheSize{Bytes: n}
+		return nil
+	}
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		return errors.New("size: want a number of bytes, a string such as 20GiB, or a percentage such as 15%")
+	}
+	return c.Set(s)
+}
+
+// MarshalJSON writes the number of bytes, or the percentage as a string.
+func (c CacheSize) MarshalJSON() ([]byte, error) {
+	if c.Percent > 0 {
+		return json.Marshal(c.String())
+	}
+	return json.Marshal(c.Bytes)
+}
+
+// Resolve returns the size in bytes; a percentage is of the size of the filesystem that holds dir.
+func (c CacheSize) Resolve(dir string) (int64, error) {
+	if c.Percent <= 0 {
+		return c.Bytes, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("cache size %s of %s: %w", c.String(), dir, err)
+	}
+	return int64(float64(st.Blocks) * float64(st.Bsize) * c.Percent / 100), nil
+}
 
 // Duration is a time.Duration that reads from strings such as 30s or 5m.
 type Duration time.Duration

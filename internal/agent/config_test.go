@@ -1,0 +1,38 @@
+package agent
+
+import (
+	"encoding/json"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestCacheSizeBytesOrShareOfTheFilesystem(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	disk := float64(st.Blocks) * float64(st.Bsize)
+	for in, want := range map[string]int64{
+		`"20GiB"`: 20 << 30,
+		`1000`:    1000,
+		`"15%"`:   int64(disk * 0.15),
+		`"0.5%"`:  int64(disk * 0.005),
+	} {
+		var c CacheSize
+		if err := json.Unmarshal([]byte(in), &c); err != nil {
+			t.Errorf("%s: %v", in, err)
+			continue
+		}
+		if got, err := c.Resolve(dir); err != nil || got != want {
+			t.Errorf("%s resolves to %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{`"0%"`, `"101%"`, `"-5%"`, `"lots"`, `"%"`, `true`} {
+		var c CacheSize
+		if err := json.Unmarshal([]byte(bad), &c); err == nil {
+			t.Errorf("%s accepted as %+v", bad, c)
+		}
+	}
+}
