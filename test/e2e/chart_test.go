@@ -57,7 +57,7 @@ func TestHelmChart(t *testing.T) {
 		"default": nil,
 		"custom": {"fullnameOverride=mesh", "agent.cacheMaxBytes=50GiB", "agent.peersResolveTags=true", "agent.nodeSelector.pool=gpu",
 			"peering.existingSecret=cluster-key", "metrics.serviceMonitor.enabled=true", "controller.replicas=2", "agent.extraArgs={--tag-ttl=1m}",
-			"ipfs.kubo.enabled=true", "ipfs.kubo.peers={/ip4/10.0.0.9/tcp/4001/p2p/12D3KooWDJairjG2pDATRRpKRdCx1CN3hG58rQHAWCcagKtKAfna}"},
+			"ipfs.kubo.enabled=true", "agent.leasePolicy.enabled=false", "ipfs.kubo.peers={/ip4/10.0.0.9/tcp/4001/p2p/12D3KooWDJairjG2pDATRRpKRdCx1CN3hG58rQHAWCcagKtKAfna}"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			objs := render(t, helm, ns, set...)
@@ -104,11 +104,17 @@ func TestHelmChart(t *testing.T) {
 			}
 			if name == "custom" {
 				if kinds["ServiceMonitor"] != 2 || kinds["Secret"] != 0 || kinds["ConfigMap"] != 1 || !slices.Contains(args, "--peer-resolve-tags") ||
-					!slices.Contains(args, "--cache-max-bytes=50GiB") || !slices.Contains(args, "--tag-ttl=1m") {
+					!slices.Contains(args, "--cache-max-bytes=50GiB") || !slices.Contains(args, "--tag-ttl=1m") ||
+					kinds["ValidatingAdmissionPolicy"] != 0 || kinds["ValidatingAdmissionPolicyBinding"] != 0 {
 					t.Errorf("custom values not rendered: kinds %v, args %v", kinds, args)
 				}
-			} else if kinds["Secret"] != 1 {
-				t.Errorf("no peering key Secret rendered")
+			} else {
+				if kinds["Secret"] != 1 {
+					t.Errorf("no peering key Secret rendered")
+				}
+				if kinds["ValidatingAdmissionPolicy"] != 1 || kinds["ValidatingAdmissionPolicyBinding"] != 1 {
+					t.Errorf("no agent Lease policy and binding rendered: kinds %v", kinds)
+				}
 			}
 		})
 	}
@@ -147,10 +153,11 @@ func TestHelmChart(t *testing.T) {
 
 	t.Run("bad values", func(t *testing.T) {
 		for set, want := range map[string]string{
-			"agent.port=abc":         "agent/port",
-			"agent.unknown=1":        "unknown",
-			"agent.logLevel=verbose": "logLevel",
-			"agent.dataDir=relative": "dataDir",
+			"agent.port=abc":                  "agent/port",
+			"agent.unknown=1":                 "unknown",
+			"agent.logLevel=verbose":          "logLevel",
+			"agent.dataDir=relative":          "dataDir",
+			"agent.leasePolicy.enabled=maybe": "leasePolicy",
 			// kubo's API and the agent's peering port would share the pod's network namespace.
 			"ipfs.kubo.enabled=true,agent.peerPort=5001": "taken by kubo",
 		} {
