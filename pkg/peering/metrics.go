@@ -23,9 +23,20 @@ type metrics struct {
 	servedBytes    prometheus.Counter
 	fetchThrough   prometheus.Counter
 	badPeer        *prometheus.CounterVec
+	// throughRefused counts fetches through refused, by the limit that refused them; limitRefused
+	// the resource manager's refusals.
+	throughRefused *prometheus.CounterVec
+	limitRefused   *prometheus.CounterVec
 }
 
-func newMetrics(reg prometheus.Registerer, h host.Host) *metrics {
+// The values of the limit label of imagemesh_peering_fetch_through_refused_total.
+const (
+	limitPeer = "peer"
+	limitNode = "node"
+)
+
+// newMetrics makes the node's metrics; register exports them once the host is up.
+func newMetrics() *metrics {
 	m := &metrics{
 		provide: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "imagemesh_peering_provide_duration_seconds", Help: "Time to announce one digest in the cluster DHT, by result.",
@@ -47,19 +58,35 @@ func newMetrics(reg prometheus.Registerer, h host.Host) *metrics {
 		badPeer: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification or came too slowly, by reason; the peer is skipped for that digest.",
 		}, []string{"reason"}),
+		throughRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imagemesh_peering_fetch_through_refused_total", Help: "Fetches through that peers asked for and this node refused, by the limit reached (per peer, or the node's); the peer goes to its next source.",
+		}, []string{"limit"}),
+		limitRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imagemesh_peering_limit_refusals_total", Help: "Connections, streams and memory that the libp2p resource manager refused, by the scope or resource whose limit was reached.",
+		}, []string{"limit"}),
 	}
 	// Every reason is exported from the start, at zero: a series that appears only with the first
 	// event leaves dashboards and alerts with nothing to compare it with.
 	for _, reason := range badPeerReasons {
 		m.badPeer.WithLabelValues(reason)
 	}
+	for _, limit := range []string{limitPeer, limitNode} {
+		m.throughRefused.WithLabelValues(limit)
+	}
+	for _, limit := range limitRefusals {
+		m.limitRefused.WithLabelValues(limit)
+	}
+	return m
+}
+
+func (m *metrics) register(reg prometheus.Registerer, h host.Host) {
 	if reg != nil {
 		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imagemesh_peering_peers", Help: "Peers connected.",
 		}, func() float64 { return float64(len(h.Network().Peers())) })
-		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer, peers)
+		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer,
+			m.throughRefused, m.limitRefused, peers)
 	}
-	return m
 }
 
 func (m *metrics) observe(h *prometheus.HistogramVec, start time.Time, err error) {

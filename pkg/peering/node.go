@@ -27,7 +27,6 @@ import (
 	"github.com/libp2p/go-libp2p-kad-dht/records"
 	kb "github.com/libp2p/go-libp2p-kbucket"
 	"github.com/libp2p/go-libp2p/core/host"
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/pnet"
 	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
@@ -81,6 +80,10 @@ type Options struct {
 	// FetchThrough, if set, lets peers ask this node to fetch a blob from its own trusted sources and
 	// stream it as it arrives. It must not ask peers in turn.
 	FetchThrough FetchThroughFunc
+	// MaxFetchThroughPerPeer bounds the blobs one peer may have this node fetch through at once, and
+	// MaxFetchThrough those of all peers together; past either, the peer is told to look elsewhere.
+	// Defaults 8 and 64.
+	MaxFetchThroughPerPeer, MaxFetchThrough int
 	// CachedTag, if set, answers peers' tag lookups from what this node resolved itself.
 	CachedTag CachedTagFunc
 	// Discover finds more peers, periodically while the node has few: DNS, Kubernetes.
@@ -101,12 +104,13 @@ type Node struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	bad    *badPeers
-	urgent chan digest.Digest // new content, announced first
-	queue  chan digest.Digest // reprovide rounds
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	bad     *badPeers
+	through *fetchThroughLimit
+	urgent  chan digest.Digest // new content, announced first
+	queue   chan digest.Digest // reprovide rounds
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 
 	discover  []Discoverer
 	closeOnce sync.Once
@@ -134,6 +138,12 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	if opts.MinPeers == 0 {
 		opts.MinPeers = 8
 	}
+	if opts.MaxFetchThroughPerPeer == 0 {
+		opts.MaxFetchThroughPerPeer = DefaultMaxFetchThroughPerPeer
+	}
+	if opts.MaxFetchThrough == 0 {
+		opts.MaxFetchThrough = DefaultMaxFetchThrough
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -153,6 +163,15 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	m := newMetrics()
+	rm, err := newResourceManager(opts.Registerer, m.limitRefused)
+	if err != nil {
+		return nil, err
+	}
+	cm, err := newConnManager()
+	if err != nil {
+		return nil, errors.Join(err, rm.Close())
+	}
 	hostOpts := []libp2p.Option{
 		libp2p.Identity(key),
 		libp2p.ListenAddrs(listen...),
@@ -162,13 +181,15 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		libp2p.Muxer(yamux.ID, muxer()),
 		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
-		libp2p.ResourceManager(&network.NullResourceManager{}),
+		libp2p.ResourceManager(rm),
+		libp2p.ConnectionManager(cm),
 	}
 	if opts.PSK != nil {
 		hostOpts = append(hostOpts, libp2p.PrivateNetwork(opts.PSK))
 	}
 	h, err := libp2p.New(hostOpts...)
 	if err != nil {
+		// libp2p owns the resource and connection managers from here, and closes what it started.
 		return nil, fmt.Errorf("peering: start host: %w", err)
 	}
 	kad, err := dht.New(h,
@@ -187,11 +208,13 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		host:    h,
 		dht:     kad,
 		log:     opts.Logger,
-		metrics: newMetrics(opts.Registerer, h),
+		metrics: m,
 		bad:     newBadPeers(10 * time.Minute),
+		through: newFetchThroughLimit(opts.MaxFetchThroughPerPeer, opts.MaxFetchThrough),
 		urgent:  make(chan digest.Digest, 4096),
 		queue:   make(chan digest.Digest, 1024),
 	}
+	m.register(opts.Registerer, h)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(blobProtocol, n.serve(n.serveBlob))
 	h.SetStreamHandler(tagProtocol, n.serve(n.serveTag))

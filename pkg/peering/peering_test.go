@@ -28,14 +28,24 @@ import (
 
 func testNode(t *testing.T, psk pnet.PSK, bootstrap ...string) *Node {
 	t.Helper()
+	return testNodeWith(t, psk, nil, bootstrap...)
+}
+
+// testNodeWith is testNode with options of the test's own, set by with.
+func testNodeWith(t *testing.T, psk pnet.PSK, with func(*Options), bootstrap ...string) *Node {
+	t.Helper()
 	store, err := content.Open(t.TempDir(), content.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	n, err := New(context.Background(), Options{
+	opts := Options{
 		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, PSK: psk, DataDir: t.TempDir(), Store: store, Bootstrap: bootstrap,
-	})
+	}
+	if with != nil {
+		with(&opts)
+	}
+	n, err := New(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

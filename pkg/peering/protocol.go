@@ -111,10 +111,19 @@ func (n *Node) serveBlob(s network.Stream) error {
 	if err := s.SetReadDeadline(time.Time{}); err != nil {
 		return err
 	}
-	rd, err := n.blobReader(req)
+	if !req.Stat {
+		// The send buffer counts against the blob protocol's memory, the peer's share of it included:
+		// past it, the peer is told to go elsewhere rather than the node growing without bound.
+		if err := s.Scope().ReserveMemory(sendBufferSize, network.ReservationPriorityAlways); err != nil {
+			return refuse(s, blobAnswer{Error: errBusy + ": " + err.Error()})
+		}
+		defer s.Scope().ReleaseMemory(sendBufferSize)
+	}
+	rd, release, err := n.blobReader(s.Conn().RemotePeer(), req)
 	if err != nil {
 		return refuse(s, blobAnswer{Error: err.Error()})
 	}
+	defer release()
 	defer func() { _ = rd.Close() }() // a reader's Close only releases it
 	if req.Offset > rd.Size() {
 		return refuse(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
@@ -134,31 +143,48 @@ func (n *Node) serveBlob(s network.Stream) error {
 	return nil
 }
 
-// blobReader finds what a peer asked for: in the store, in flight, or, if asked and allowed, fetched
-// now from this node's trusted sources.
-func (n *Node) blobReader(req blobRequest) (*content.Reader, error) {
+// blobReader finds what peer p asked for: in the store, in flight, or, if asked and allowed, fetched
+// now from this node's trusted sources. A fetch through holds a slot of the fetch-through limits
+// until release: the whole time the blob is sent, which is the time the node fetches it for p.
+func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, release func(), err error) {
 	ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
 	defer cancel()
-	rd, err := n.opts.Store.Reader(ctx, req.Digest)
+	rd, err = n.opts.Store.Reader(ctx, req.Digest)
 	if err == nil || !req.Through || req.Stat || n.opts.FetchThrough == nil {
 		if err != nil {
-			return nil, errors.New(errNotHere)
+			return nil, nil, errors.New(errNotHere)
 		}
-		return rd, nil
+		return rd, func() {}, nil
 	}
 	repo, err := reference.ParseNamed(req.Repo)
 	if err != nil {
-		return nil, fmt.Errorf("bad repository %q", req.Repo)
+		return nil, nil, fmt.Errorf("bad repository %q", req.Repo)
+	}
+	release, err = n.through.acquire(p, req.Digest)
+	if err != nil {
+		limit := limitNode
+		if errors.Is(err, errFetchThroughPeer) {
+			limit = limitPeer
+		}
+		n.metrics.throughRefused.WithLabelValues(limit).Inc()
+		n.log.Debug("fetch through refused", "peer", p, "digest", req.Digest, "err", err)
+		return nil, nil, fmt.Errorf("%s: %w", errBusy, err)
 	}
 	rd, err = n.opts.FetchThrough(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: req.Digest})
 	if err != nil {
+		release()
 		n.log.Debug("fetch for a peer failed", "digest", req.Digest, "repo", req.Repo, "err", err)
-		return nil, fmt.Errorf("fetch through: %w", err)
+		return nil, nil, fmt.Errorf("fetch through: %w", err)
 	}
 	n.metrics.fetchThrough.Inc()
 	// The fetch was started for the peer; its own reader verifies. Serve the peer's view of it.
 	_ = rd.Close() // a reader's Close only releases it
-	return n.opts.Store.Reader(ctx, req.Digest)
+	rd, err = n.opts.Store.Reader(ctx, req.Digest)
+	if err != nil {
+		release()
+		return nil, nil, fmt.Errorf("fetch through: %w", err)
+	}
+	return rd, release, nil
 }
 
 const errNotHere = "not found"

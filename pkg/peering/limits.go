@@ -1,0 +1,214 @@
+package peering
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The limits of the libp2p host, sized for an agent whose container may use 512 MiB (the chart's
+// limit): libp2p gets at most half of it. A peer holds the cluster key, but a node must still not let
+// one peer, buggy or taken over, take everything: every peer gets a bounded share of connections,
+// streams and memory, and the blob protocol, whose every stream holds a send buffer, is bounded on its
+// own. The numbers are in the README's peering section, with their reasons.
+const (
+	// limitMemory bounds what libp2p reserves on the node: yamux receive windows (256 KiB a stream,
+	// growing while a transfer is fast) and the send buffers of blob streams.
+	limitMemory = 256 << 20
+	// limitConns bounds connections: every node of a large cluster, with room above the connection
+	// manager's high water mark, which trims back to the low one.
+	limitConns, limitConnsInOut = 512, 384
+	connLowWater, connHighWater = 192, 320
+	// limitPeerStreams bounds the streams one peer may have open with the node, all protocols together.
+	limitPeerStreams = 128
+	// limitPeerMemory bounds what one peer's connections reserve: its streams' windows.
+	limitPeerMemory = 64 << 20
+	// limitBlobStreamsPerPeer bounds the blobs one peer may be sent at once: containerd pulls three
+	// layers of an image at a time, so 32 is about ten images pulled from this one peer at once.
+	limitBlobStreamsPerPeer = 32
+	// limitBlobStreams bounds the blobs the node sends at once, to all peers: each holds a send buffer.
+	limitBlobStreams = 128
+	// limitTagStreamsPerPeer and limitTagStreams bound tag lookups, one short exchange each.
+	limitTagStreamsPerPeer, limitTagStreams = 16, 128
+)
+
+// sendBufferSize is the buffer a blob goes out through; a stream reserves it from the resource
+// manager before it takes one, so that the memory of blob streams is accounted for.
+const sendBufferSize = 1 << 20
+
+// Defaults of Options.MaxFetchThroughPerPeer and Options.MaxFetchThrough.
+const (
+	DefaultMaxFetchThroughPerPeer = 8
+	DefaultMaxFetchThrough        = 64
+)
+
+// limits are the resource manager's: libp2p's defaults for a node with limitMemory, with the scopes
+// the agent uses set to its own numbers.
+func limits() rcmgr.ConcreteLimitConfig {
+	base := rcmgr.DefaultLimits
+	lim := func(v int) rcmgr.LimitVal { return rcmgr.LimitVal(v) }
+	mem := func(v int64) rcmgr.LimitVal64 { return rcmgr.LimitVal64(v) }
+	partial := rcmgr.PartialLimitConfig{
+		System: rcmgr.ResourceLimits{
+			Conns: lim(limitConns), ConnsInbound: lim(limitConnsInOut), ConnsOutbound: lim(limitConnsInOut),
+			Streams: lim(8192), StreamsInbound: lim(4096), StreamsOutbound: lim(4096),
+			FD: lim(limitConns), Memory: mem(limitMemory),
+		},
+		// Connections and streams before the peer or the protocol is known: more than one peer's
+		// share, so that one peer cannot fill them alone.
+		Transient: rcmgr.ResourceLimits{
+			Conns: lim(128), ConnsInbound: lim(64), ConnsOutbound: lim(64),
+			Streams: lim(4 * limitPeerStreams), StreamsInbound: lim(4 * limitPeerStreams), StreamsOutbound: lim(4 * limitPeerStreams),
+			FD: lim(64), Memory: mem(32 << 20),
+		},
+		PeerDefault: rcmgr.ResourceLimits{
+			Conns: lim(8), ConnsInbound: lim(8), ConnsOutbound: lim(8), FD: lim(8),
+			Streams: lim(2 * limitPeerStreams), StreamsInbound: lim(limitPeerStreams), StreamsOutbound: lim(limitPeerStreams),
+			Memory: mem(limitPeerMemory),
+		},
+		Protocol: map[protocol.ID]rcmgr.ResourceLimits{
+			blobProtocol: {
+				Streams: lim(4 * limitBlobStreams), StreamsInbound: lim(limitBlobStreams), StreamsOutbound: lim(2 * limitBlobStreams),
+				Memory: mem(limitBlobStreams * sendBufferSize),
+			},
+			tagProtocol: {
+				Streams: lim(2 * limitTagStreams), StreamsInbound: lim(limitTagStreams), StreamsOutbound: lim(limitTagStreams),
+				Memory: mem(1 << 20),
+			},
+		},
+		ProtocolPeer: map[protocol.ID]rcmgr.ResourceLimits{
+			blobProtocol: {
+				Streams: lim(2 * limitBlobStreamsPerPeer), StreamsInbound: lim(limitBlobStreamsPerPeer), StreamsOutbound: lim(limitBlobStreamsPerPeer),
+				Memory: mem(limitBlobStreamsPerPeer * sendBufferSize),
+			},
+			tagProtocol: {
+				Streams: lim(2 * limitTagStreamsPerPeer), StreamsInbound: lim(limitTagStreamsPerPeer), StreamsOutbound: lim(limitTagStreamsPerPeer),
+				Memory: mem(1 << 20),
+			},
+		},
+	}
+	return partial.Build(base.Scale(limitMemory, limitConns))
+}
+
+// newResourceManager is libp2p's resource manager with the agent's limits. Its refusals count in
+// imagemesh_peering_limit_refusals_total, and with a registerer, libp2p's own libp2p_rcmgr_* metrics
+// are exported too.
+func newResourceManager(reg prometheus.Registerer, refusals *prometheus.CounterVec) (network.ResourceManager, error) {
+	opts := []rcmgr.Option{rcmgr.WithMetrics(refusalReporter{refusals})}
+	if reg != nil {
+		rcmgr.MustRegisterWith(reg)
+	} else {
+		opts = append(opts, rcmgr.WithMetricsDisabled())
+	}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits()), opts...)
+	if err != nil {
+		return nil, fmt.Errorf("peering: resource manager: %w", err)
+	}
+	return rm, nil
+}
+
+func newConnManager() (*connmgr.BasicConnMgr, error) {
+	cm, err := connmgr.NewConnManager(connLowWater, connHighWater)
+	if err != nil {
+		return nil, fmt.Errorf("peering: connection manager: %w", err)
+	}
+	return cm, nil
+}
+
+// The values of the limit label of imagemesh_peering_limit_refusals_total: which of the resource
+// manager's limits refused something.
+var limitRefusals = []string{"connection", "stream", "peer", "protocol", "protocol_peer", "service", "memory"}
+
+// refusalReporter counts the resource manager's refusals; what it allowed is not counted.
+type refusalReporter struct{ c *prometheus.CounterVec }
+
+func (r refusalReporter) AllowConn(network.Direction, bool)      {}
+func (r refusalReporter) BlockConn(network.Direction, bool)      { r.c.WithLabelValues("connection").Inc() }
+func (r refusalReporter) AllowStream(peer.ID, network.Direction) {}
+func (r refusalReporter) BlockStream(peer.ID, network.Direction) { r.c.WithLabelValues("stream").Inc() }
+func (r refusalReporter) AllowPeer(peer.ID)                      {}
+func (r refusalReporter) BlockPeer(peer.ID)                      { r.c.WithLabelValues("peer").Inc() }
+func (r refusalReporter) AllowProtocol(protocol.ID)              {}
+func (r refusalReporter) BlockProtocol(protocol.ID)              { r.c.WithLabelValues("protocol").Inc() }
+func (r refusalReporter) BlockProtocolPeer(protocol.ID, peer.ID) {
+	r.c.WithLabelValues("protocol_peer").Inc()
+}
+func (r refusalReporter) AllowService(string)              {}
+func (r refusalReporter) BlockService(string)              { r.c.WithLabelValues("service").Inc() }
+func (r refusalReporter) BlockServicePeer(string, peer.ID) { r.c.WithLabelValues("service").Inc() }
+func (r refusalReporter) AllowMemory(int)                  {}
+func (r refusalReporter) BlockMemory(int)                  { r.c.WithLabelValues("memory").Inc() }
+
+var _ rcmgr.MetricsReporter = refusalReporter{}
+
+// errBusy is the answer to a request past a limit: the asking node goes to its next source.
+const errBusy = "busy"
+
+// fetchThroughLimit bounds the fetches a node makes from its own sources for its peers: per peer and
+// in all. The work is a digest being fetched: peers that ask for a digest already being fetched
+// through share its slot, so that a cluster's cold pull (every node asks the leader for the same
+// layers) takes one slot a layer, not one a node.
+type fetchThroughLimit struct {
+	perPeer, total int
+	mu             sync.Mutex
+	digests        map[digest.Digest]map[peer.ID]int // requests in flight, by digest and peer
+	peers          map[peer.ID]int                   // digests in flight, by peer
+}
+
+// errFetchThroughPeer and errFetchThroughNode say which limit refused a fetch through.
+var (
+	errFetchThroughPeer = errors.New("too many fetches through for this peer")
+	errFetchThroughNode = errors.New("too many fetches through on this node")
+)
+
+func newFetchThroughLimit(perPeer, total int) *fetchThroughLimit {
+	return &fetchThroughLimit{perPeer: perPeer, total: total, digests: map[digest.Digest]map[peer.ID]int{}, peers: map[peer.ID]int{}}
+}
+
+// acquire takes a slot for p's request of d, and returns its release; past a limit, it says which.
+func (l *fetchThroughLimit) acquire(p peer.ID, d digest.Digest) (func(), error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	byPeer, fetching := l.digests[d]
+	switch {
+	case byPeer[p] > 0: // p asks again for what it is being fetched: no new work
+	case l.peers[p] >= l.perPeer:
+		return nil, errFetchThroughPeer
+	case !fetching && len(l.digests) >= l.total:
+		return nil, errFetchThroughNode
+	}
+	if !fetching {
+		byPeer = map[peer.ID]int{}
+		l.digests[d] = byPeer
+	}
+	if byPeer[p] == 0 {
+		l.peers[p]++
+	}
+	byPeer[p]++
+	var once sync.Once
+	return func() { once.Do(func() { l.release(p, d) }) }, nil
+}
+
+func (l *fetchThroughLimit) release(p peer.ID, d digest.Digest) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	byPeer := l.digests[d]
+	if byPeer[p]--; byPeer[p] > 0 {
+		return
+	}
+	delete(byPeer, p)
+	if len(byPeer) == 0 {
+		delete(l.digests, d)
+	}
+	if l.peers[p]--; l.peers[p] <= 0 {
+		delete(l.peers, p)
+	}
+}
