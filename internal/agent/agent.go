@@ -373,6 +373,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, fetchTh
 		Store:             store,
 		ReprovideInterval: time.Duration(p.ReprovideInterval),
 		ProvideRate:       p.ProvideRate,
+		TagTTL:            time.Duration(p.TagTTL),
 		Registerer:        reg,
 		Logger:            log,
 		FetchThrough:      fetchThrough,

@@ -120,6 +120,8 @@ type PeeringConfig struct {
 	ReprovideInterval Duration `json:"reprovideInterval,omitempty"`
 	// ProvideRate bounds announcements per second.
 	ProvideRate int `json:"provideRate,omitempty"`
+	// TagTTL is how old a tag's answer may be for peers to use it (peering.DefaultTagTTL if zero).
+	TagTTL Duration `json:"tagTTL,omitempty"`
 }
 
 // KubernetesDiscovery names the agents' Service. The agent lists its EndpointSlices (RBAC: list
@@ -547,8 +549,8 @@ func (p PeeringConfig) validate() []error {
 	if k := p.Kubernetes; k != nil && k.Service.IsZero() {
 		errs = append(errs, errors.New("peering.kubernetes.service: want NAMESPACE/NAME"))
 	}
-	if p.ReprovideInterval < 0 || p.ProvideRate < 0 {
-		errs = append(errs, errors.New("peering: reprovideInterval and provideRate must not be negative"))
+	if p.ReprovideInterval < 0 || p.ProvideRate < 0 || p.TagTTL < 0 {
+		errs = append(errs, errors.New("peering: reprovideInterval, provideRate and tagTTL must not be negative"))
 	}
 	return errs
 }

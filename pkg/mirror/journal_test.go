@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -56,7 +57,7 @@ func TestTagCacheIsBounded(t *testing.T) {
 	}
 	desc := ocispec.Descriptor{Digest: digest.FromString("x"), Size: 1}
 	for i := 0; i < 25; i++ {
-		if err := c.put(fmt.Sprintf("example.test/app:%d", i), desc); err != nil {
+		if err := c.put(fmt.Sprintf("example.test/app:%d", i), desc, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -138,11 +138,13 @@ func (m *Mirror) resolve(ctx context.Context, repo reference.Named, tag string) 
 	})
 	switch {
 	case err == nil:
-		desc := v.(ocispec.Descriptor)
+		// An answer a peer handed on keeps the time it was first resolved, so that it expires as
+		// early here as there.
+		desc, resolved := source.Resolved(v.(ocispec.Descriptor), time.Now())
 		if desc.Digest.Validate() != nil {
 			return ocispec.Descriptor{}, fmt.Errorf("resolve %s: source answered an invalid digest %q", key, desc.Digest)
 		}
-		if err := m.tags.put(key, desc); err != nil {
+		if err := m.tags.put(key, desc, resolved); err != nil {
 			m.log.Warn("could not persist tag answer", "tag", key, "err", err)
 		}
 		m.metrics.tags.WithLabelValues("resolved").Inc()

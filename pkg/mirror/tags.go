@@ -120,8 +120,8 @@ func (c *tagCache) get(name string) (tagAnswer, bool) {
 	return a, true
 }
 
-func (c *tagCache) put(name string, desc ocispec.Descriptor) error {
-	a := tagAnswer{Name: name, Descriptor: desc, Resolved: time.Now()}
+func (c *tagCache) put(name string, desc ocispec.Descriptor, resolved time.Time) error {
+	a := tagAnswer{Name: name, Descriptor: desc, Resolved: resolved}
 	c.mem.Add(name, a)
 	if c.dir == "" {
 		return nil

@@ -49,6 +49,7 @@ const ProtocolPrefix = "/imagemesh"
 const (
 	DefaultReprovideInterval = 10 * time.Minute
 	DefaultProvideRate       = 50
+	DefaultTagTTL            = 5 * time.Minute
 )
 
 // FetchThroughFunc fetches a blob into the store from this node's trusted sources, for a peer.
@@ -86,6 +87,9 @@ type Options struct {
 	MaxFetchThroughPerPeer, MaxFetchThrough int
 	// CachedTag, if set, answers peers' tag lookups from what this node resolved itself.
 	CachedTag CachedTagFunc
+	// TagTTL is how old a tag's answer may be for peers to use it: a node answers only what it
+	// resolved more recently, and a node that asks ignores older answers. Default 5m.
+	TagTTL time.Duration
 	// Discover finds more peers, periodically while the node has few: DNS, Kubernetes.
 	Discover []Discoverer
 	// DiscoverInterval is how often discovery runs while the node has fewer than MinPeers. Default 30s.
@@ -143,6 +147,9 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	}
 	if opts.MaxFetchThrough == 0 {
 		opts.MaxFetchThrough = DefaultMaxFetchThrough
+	}
+	if opts.TagTTL == 0 {
+		opts.TagTTL = DefaultTagTTL
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)

@@ -209,6 +209,11 @@ func (n *Node) serveTag(s network.Stream) error {
 	if !ok {
 		return refuse(s, tagAnswer{Error: errNotHere})
 	}
+	// An answer older than the TTL may be of a tag deleted or moved since: the asking node goes to
+	// the next source rather than keep it alive. The age is by this node's clock, which set it.
+	if age := time.Since(resolved); age > n.opts.TagTTL {
+		return refuse(s, tagAnswer{Error: fmt.Sprintf("%s: resolved %s ago, over the %s limit", errNotHere, age.Round(time.Second), n.opts.TagTTL)})
+	}
 	return writeLine(s, tagAnswer{Descriptor: desc, Resolved: resolved})
 }
 
@@ -272,9 +277,10 @@ func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) 
 		}()
 	}
 	var best *tagAnswer
+	now := time.Now()
 	for range peers {
 		ans := <-answers
-		if ans.Error != "" || ans.Descriptor.Digest.Validate() != nil {
+		if ans.Error != "" || ans.Descriptor.Digest.Validate() != nil || !fresh(now, ans.Resolved, n.opts.TagTTL) {
 			continue
 		}
 		if best == nil || ans.Resolved.After(best.Resolved) {
@@ -284,7 +290,25 @@ func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) 
 	if best == nil {
 		return ocispec.Descriptor{}, fmt.Errorf("no peer knows %s:%s: %w", repo.Name(), tag, source.ErrNotFound)
 	}
-	return best.Descriptor, nil
+	// The answer keeps its age: the node that caches it hands it on no longer than the TTL after it
+	// was resolved from a trusted source, so that a deleted tag does not go round the cluster.
+	resolved := best.Resolved
+	if resolved.After(now) {
+		resolved = now
+	}
+	return source.WithResolved(best.Descriptor, resolved), nil
+}
+
+// maxClockSkew is how far apart two nodes' clocks may be for tag answers: their clocks are usually
+// NTP-synced to well under a second; a node whose clock is further off has its answers taken for a
+// little older or younger than they are, by at most this much.
+const maxClockSkew = 30 * time.Second
+
+// fresh says whether a peer's answer, resolved at resolved by its clock, may be used at now by ours:
+// not older than ttl, and not from the future, either beyond what clock skew explains.
+func fresh(now, resolved time.Time, ttl time.Duration) bool {
+	age := now.Sub(resolved)
+	return age <= ttl+maxClockSkew && age >= -maxClockSkew
 }
 
 // Stat asks the peers that announced the digest for its size.
