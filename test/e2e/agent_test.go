@@ -72,7 +72,7 @@ func startAgentAt(t testing.TB, addr string, args ...string) *agent {
 	a := &agent{t: t, args: args, Addr: addr, DataDir: t.TempDir()}
 	a.URL = "http://" + a.Addr
 	a.log = filepath.Join(t.TempDir(), "agent.log")
-	a.Start()
+	// Before Start: an agent that never gets ready is stopped too.
 	t.Cleanup(func() {
 		a.Stop()
 		if t.Failed() {
@@ -80,6 +80,7 @@ func startAgentAt(t testing.TB, addr string, args ...string) *agent {
 			t.Logf("node-agent log:\n%s", b)
 		}
 	})
+	a.Start()
 	return a
 }
 
