@@ -6,6 +6,12 @@
 // A missing component skips the test on a developer's machine and fails it under CI=true: CI must
 // never pass because it quietly tested nothing.
 //
+// Short mode (go test -short, `make test-unit`) is the unit tier: hermetic, no root, none of these
+// components. There every entry point that needs a tool or root skips the test, saying what it needs,
+// whether or not the component is installed and whatever CI says, so that the unit tier runs the same
+// tests on every machine. Only -short skips that way: without it, CI=true still fails on anything
+// missing. Tests that start processes of their own call SkipShort.
+//
 // Every daemon runs in its own temp dirs, on 127.0.0.1 or a private unix socket, writes its output
 // to a log file that is printed when the test fails, and is stopped by t.Cleanup.
 package testenv
@@ -27,6 +33,7 @@ import (
 // otherwise, naming the tool and `make test-deps`, which installs it.
 func Tool(t testing.TB, name string) string {
 	t.Helper()
+	SkipShort(t, name)
 	var dirs []string
 	if d := os.Getenv("IMAGEMESH_TOOLS"); d != "" {
 		dirs = append(dirs, d)
@@ -51,10 +58,23 @@ func Tool(t testing.TB, name string) string {
 // RequireRoot ends the test if it does not run as root: containerd needs it.
 func RequireRoot(t testing.TB) {
 	t.Helper()
+	SkipShort(t, "root")
 	if os.Geteuid() != 0 {
 		missing(t, "this test runs containerd and needs root")
 	}
 }
+
+// SkipShort skips the test under -short, the unit tier, which runs no real component: the test needs
+// what (a tool, root, a process it starts). It does nothing without -short.
+func SkipShort(t testing.TB, what string) {
+	t.Helper()
+	if short() {
+		t.Skipf("needs %s: run make test", what)
+	}
+}
+
+// short is testing.Short, replaced by the harness's own tests.
+var short = testing.Short
 
 // missing fails the test under CI=true and skips it otherwise.
 func missing(t testing.TB, format string, args ...any) {

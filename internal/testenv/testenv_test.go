@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -92,24 +93,76 @@ func TestRegistryRestart(t *testing.T) {
 	}
 }
 
-// TestToolMissing: a missing tool skips the test, except under CI=true, where it fails it.
+// TestToolMissing: a missing tool skips the test, except under CI=true, where it fails it. Under
+// -short (the unit tier) a test that needs a tool or root always skips, installed or not, CI=true or
+// not, and says what it needs.
 func TestToolMissing(t *testing.T) {
-	t.Setenv("IMAGEMESH_TOOLS", t.TempDir())
-	const name = "imagemesh-no-such-tool"
-	for _, ci := range []string{"", "true"} {
-		t.Setenv("CI", ci)
-		rec := &recorder{TB: t}
-		if p := Tool(rec, name); p != "" {
-			t.Fatalf("Tool(%q) = %q", name, p)
+	tools := t.TempDir()
+	t.Setenv("IMAGEMESH_TOOLS", tools)
+	const absent, present = "imagemesh-no-such-tool", "imagemesh-test-tool"
+	if err := os.WriteFile(filepath.Join(tools, present), []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	defer func(f func() bool) { short = f }(short)
+	for _, c := range []struct {
+		short       bool
+		ci          string
+		tool        string
+		fatal, skip bool
+		msg         []string // what the message must name
+	}{
+		{short: false, ci: "", tool: absent, skip: true, msg: []string{absent, "make test-deps"}},
+		{short: false, ci: "true", tool: absent, fatal: true, msg: []string{absent, "make test-deps"}},
+		{short: false, ci: "true", tool: present},
+		{short: true, ci: "", tool: absent, skip: true, msg: []string{"needs " + absent + ": run make test"}},
+		{short: true, ci: "true", tool: absent, skip: true, msg: []string{"needs " + absent + ": run make test"}},
+		{short: true, ci: "true", tool: present, skip: true, msg: []string{"needs " + present + ": run make test"}},
+	} {
+		t.Setenv("CI", c.ci)
+		short = func() bool { return c.short }
+		var path string
+		rec := record(t, func(tb testing.TB) { path = Tool(tb, c.tool) })
+		name := fmt.Sprintf("short=%v CI=%q %s", c.short, c.ci, c.tool)
+		if rec.fatal != c.fatal || rec.skip != c.skip {
+			t.Errorf("%s: fatal=%v skip=%v, want fatal=%v skip=%v (%s)", name, rec.fatal, rec.skip, c.fatal, c.skip, rec.msg)
 		}
-		wantFatal := ci == "true"
-		if rec.fatal != wantFatal || rec.skip == wantFatal {
-			t.Errorf("CI=%q: fatal=%v skip=%v, want fatal=%v", ci, rec.fatal, rec.skip, wantFatal)
+		if !c.fatal && !c.skip && path != filepath.Join(tools, present) {
+			t.Errorf("%s: Tool = %q, want %s", name, path, filepath.Join(tools, present))
 		}
-		if !strings.Contains(rec.msg, name) || !strings.Contains(rec.msg, "make test-deps") {
-			t.Errorf("CI=%q: message %q does not name the tool and `make test-deps`", ci, rec.msg)
+		for _, m := range c.msg {
+			if !strings.Contains(rec.msg, m) {
+				t.Errorf("%s: message %q does not say %q", name, rec.msg, m)
+			}
 		}
 	}
+
+	// Root and processes alike: under -short the test skips whoever runs it, and without -short
+	// SkipShort lets it go on.
+	t.Setenv("CI", "true")
+	short = func() bool { return true }
+	if rec := record(t, RequireRoot); !rec.skip || rec.msg != "needs root: run make test" {
+		t.Errorf("RequireRoot under -short: skip=%v fatal=%v %q", rec.skip, rec.fatal, rec.msg)
+	}
+	if rec := record(t, func(tb testing.TB) { SkipShort(tb, "the node-agent binary") }); !rec.skip || rec.msg != "needs the node-agent binary: run make test" {
+		t.Errorf("SkipShort under -short: skip=%v fatal=%v %q", rec.skip, rec.fatal, rec.msg)
+	}
+	short = func() bool { return false }
+	if rec := record(t, func(tb testing.TB) { SkipShort(tb, "anything") }); rec.skip || rec.fatal {
+		t.Errorf("SkipShort without -short: skip=%v fatal=%v %q", rec.skip, rec.fatal, rec.msg)
+	}
+}
+
+// record runs f with a testing.TB whose Fatalf and Skipf end f, as the real ones end a test, and
+// records which of them was called and with what message.
+func record(t *testing.T, f func(testing.TB)) *recorder {
+	rec := &recorder{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f(rec)
+	}()
+	<-done
+	return rec
 }
 
 // recorder records Fatalf and Skipf instead of ending the test.
@@ -122,9 +175,11 @@ type recorder struct {
 func (r *recorder) Helper() {}
 func (r *recorder) Fatalf(format string, args ...any) {
 	r.fatal, r.msg = true, fmt.Sprintf(format, args...)
+	runtime.Goexit()
 }
 func (r *recorder) Skipf(format string, args ...any) {
 	r.skip, r.msg = true, fmt.Sprintf(format, args...)
+	runtime.Goexit()
 }
 
 // writeHostsTOML points containerd's registry host at server, with no mirror.
