@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,6 +25,13 @@ import (
 var agentBin, controllerBin, imagemeshBin string
 
 func TestMain(m *testing.M) {
+	// Every test here runs the binaries built below against real components: none belongs to the
+	// unit tier (-short, make test-unit), so under -short nothing is built and nothing runs.
+	flag.Parse()
+	if testing.Short() {
+		fmt.Println("test/e2e: every test needs the built binaries and real components: skipped under -short; run make test")
+		os.Exit(0)
+	}
 	dir, err := os.MkdirTemp("", "imagemesh-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
