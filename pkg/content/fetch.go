@@ -49,7 +49,8 @@ type FetchFunc func(ctx context.Context, offset int64) (*Fetched, error)
 // Fetch returns a reader of blob d. If the store holds d, the reader reads the file. Otherwise it joins
 // the fetch of d under way, or starts one with fetch: there is at most one fetch per digest per store, and
 // every reader gets the bytes as they are written. A reader never gets the last byte of a blob before the
-// whole blob has been verified and committed, so a client never receives a corrupt blob in full.
+// whole blob has been verified and committed, so a client never receives a corrupt blob in full; a
+// fetch whose source says the blob is empty returns only once the empty blob has verified.
 //
 // Fetch returns when the size of the blob is known; ctx bounds only that wait. The fetch itself runs
 // until it ends, or the store is closed, or no client has waited for it for Options.AbandonAfter.
@@ -223,6 +224,20 @@ func (ing *ingestion) reader(ctx context.Context, untrusted bool) (rd *Reader, e
 	ing.mu.Unlock()
 	if size < 0 {
 		return nil, err
+	}
+	if size == 0 {
+		// An empty blob has no last byte to hold back: the end of it is all a reader gets, and that
+		// too waits for verification, or a source that calls any digest empty would hand readers a
+		// whole blob that does not match it.
+		ing.mu.Lock()
+		for !ing.verified && !ing.committed && ing.err == nil {
+			ing.cond.Wait()
+		}
+		err = ing.err
+		ing.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
 	}
 	// Each reader has its own descriptor: the writer's offset is not shared, and the descriptor
 	// stays valid when the file is renamed into the store.

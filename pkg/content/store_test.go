@@ -255,6 +255,33 @@ func TestFetchWithholdsLastByteAndDropsCorruptBlob(t *testing.T) {
 	}
 }
 
+// A source that calls a blob empty gives readers no bytes to hold back: the reader itself waits
+// until the empty blob has verified, so that nobody takes an empty answer for a non-empty blob.
+func TestFetchOfEmptyBlobWaitsForVerification(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{})
+	empty := func(context.Context, int64) (*Fetched, error) {
+		return &Fetched{Body: io.NopCloser(bytes.NewReader(nil)), Size: 0, Source: "test"}, nil
+	}
+	_, d := randomBlob(t, 100)
+	if r, err := s.Fetch(context.Background(), d, empty); !errors.Is(err, ErrDigestMismatch) {
+		if err == nil {
+			r.Close()
+		}
+		t.Fatalf("Fetch of a blob its source calls empty = %v, want ErrDigestMismatch", err)
+	}
+	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("wrongly empty blob kept: %v", err)
+	}
+	r, err := s.Fetch(context.Background(), digest.FromBytes(nil), empty)
+	if err != nil {
+		t.Fatalf("Fetch of the empty blob: %v", err)
+	}
+	defer r.Close()
+	if got, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size())); err != nil || len(got) != 0 {
+		t.Fatalf("empty blob: %d bytes, %v", len(got), err)
+	}
+}
+
 func TestFetchResumesAtOffset(t *testing.T) {
 	s := openStore(t, t.TempDir(), Options{})
 	data, d := randomBlob(t, 1<<20)

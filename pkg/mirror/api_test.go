@@ -525,12 +525,13 @@ func TestSourceErrors(t *testing.T) {
 	}
 }
 
-// A blob whose bytes do not match its digest never reaches a client whole, and is not kept.
+// A blob whose bytes do not match its digest never reaches a client whole, whether it is empty or
+// not, and is not kept.
 func TestLyingBlobIsCutOff(t *testing.T) {
 	im := newImages()
 	wrong := bytes.Clone(im.layer)
 	wrong[len(wrong)/2] ^= 0xff
-	for name, body := range map[string][]byte{"one byte changed": wrong} {
+	for name, body := range map[string][]byte{"one byte changed": wrong, "empty": {}} {
 		t.Run(name, func(t *testing.T) {
 			u := newUnit(t, func(h *hooked) { h.open = lying(body) })
 			d := digest.FromBytes(im.layer)
