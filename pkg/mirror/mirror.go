@@ -181,6 +181,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
 	if path == "/v2" || path == "/v2/" {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			rw.Header().Set("Allow", "GET, HEAD")
 			m.writeError(rw, 0, errcode.ErrorCodeUnsupported.WithMessage("the mirror is pull-only"))
 			return
 		}
