@@ -657,6 +657,9 @@ func TestTooManyRequests(t *testing.T) {
 		<-opened
 		a := u.do(t, http.MethodGet, blobPath(digest.FromBytes(u.im.config)))
 		checkError(t, "a fetch past the store's bound", a, http.MethodGet, http.StatusTooManyRequests, "TOOMANYREQUESTS")
+		if a.header.Get("Retry-After") != "1" {
+			t.Errorf("Retry-After %q, want 1", a.header.Get("Retry-After"))
+		}
 	})
 }
 

@@ -212,7 +212,6 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !m.local(req) {
 		release, ok := m.limit.acquire(clientAddr(r))
 		if !ok {
-			rw.Header().Set("Retry-After", "1")
 			m.writeError(rw, 0, errTooManyRequests)
 			return
 		}
@@ -357,7 +356,8 @@ func errorFor(err error, unknown errcode.ErrorCode) (int, error) {
 	return http.StatusBadGateway, errcode.ErrorCodeUnknown.WithMessage(err.Error())
 }
 
-// writeError writes the OCI error JSON; status 0 means the code's own status.
+// writeError writes the OCI error JSON; status 0 means the code's own status. A 429, whichever bound
+// it comes from, tells the client when to come back.
 func (m *Mirror) writeError(w http.ResponseWriter, status int, err error) {
 	var e errcode.Error
 	if !errors.As(err, &e) {
@@ -377,6 +377,9 @@ func (m *Mirror) writeError(w http.ResponseWriter, status int, err error) {
 	h.Set("Content-Type", "application/json; charset=utf-8")
 	h.Set("Content-Length", fmt.Sprint(len(body)))
 	h.Set("X-Content-Type-Options", "nosniff")
+	if e.Code == errcode.ErrorCodeTooManyRequests {
+		h.Set("Retry-After", "1")
+	}
 	if rw, ok := w.(*responseWriter); ok {
 		rw.err = e.Message
 	}
