@@ -10,7 +10,9 @@
 //   - Content belongs to the repository it was added to, as in a registry: another repository, or
 //     another registry host, does not see it. A manifest is also a blob of its repository (registries
 //     serve manifests under /blobs/ too); a blob is never a manifest.
-//   - A tag names a manifest of its own repository.
+//   - A tag names a manifest of its own repository. The source answers tags, and lists them
+//     (source.TagLister), as a source trusted with tags does: a repository is known once it holds
+//     something, and then lists its tags, none or more.
 //   - Stored bytes are never changed and never handed out: Add copies what it is given, Open reads from
 //     a reader that cannot write. Every call is safe for concurrent use.
 //   - A canceled context fails every call, and every read of an opened object, with the context's
@@ -23,6 +25,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 
 	"github.com/distribution/reference"
@@ -149,6 +153,20 @@ func (s *Source) Resolve(ctx context.Context, repo reference.Named, tag string) 
 		return ocispec.Descriptor{}, s.wrap("resolve", target, fmt.Errorf("tag: %w", source.ErrNotFound))
 	}
 	return r.objects[d].descriptor(source.KindManifest, d), nil
+}
+
+// ListTags returns repo's tags, sorted, or ErrNotFound if repo holds nothing.
+func (s *Source) ListTags(ctx context.Context, repo reference.Named) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, s.wrap("list tags", repo.Name(), err)
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	r := s.repos[repo.Name()]
+	if r == nil {
+		return nil, s.wrap("list tags", repo.Name(), fmt.Errorf("repository: %w", source.ErrNotFound))
+	}
+	return slices.Sorted(maps.Keys(r.tags)), nil
 }
 
 // Stat returns an object's descriptor, or ErrNotFound.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -110,11 +111,22 @@ func TestLikeARegistry(t *testing.T) {
 	if err := src.Tag(repo, "-bad", m.Digest); err == nil {
 		t.Error("Tag accepted an invalid tag")
 	}
-	if err := src.Tag(repo, "v1", m.Digest); err != nil {
-		t.Fatal(err)
+	if tags, err := src.ListTags(ctx, repo); err != nil || len(tags) != 0 {
+		t.Errorf("ListTags of a repository without tags = %q, %v; want none", tags, err)
+	}
+	for _, tag := range []string{"v1", "latest", "V2"} {
+		if err := src.Tag(repo, tag, m.Digest); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if tags, err := src.ListTags(ctx, repo); err != nil || !slices.Equal(tags, []string{"V2", "latest", "v1"}) {
+		t.Errorf("ListTags = %q, %v; want V2, latest, v1", tags, err)
 	}
 	if _, err := src.Resolve(ctx, other, "v1"); !errors.Is(err, source.ErrNotFound) {
 		t.Errorf("Resolve of the tag in another repository = %v, want ErrNotFound", err)
+	}
+	if tags, err := src.ListTags(ctx, other); !errors.Is(err, source.ErrNotFound) {
+		t.Errorf("ListTags of a repository that holds nothing = %q, %v; want ErrNotFound", tags, err)
 	}
 	src.Untag(repo, "v1")
 	if _, err := src.Resolve(ctx, repo, "v1"); !errors.Is(err, source.ErrNotFound) {
