@@ -16,6 +16,7 @@ import (
 	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -127,7 +128,15 @@ type hooked struct {
 	resolve func(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error)
 	stat    func(ctx context.Context, obj source.Object) (ocispec.Descriptor, error)
 	open    func(ctx context.Context, obj source.Object, offset int64) (*source.Content, error)
+	list    func(ctx context.Context, repo reference.Named) ([]string, error)
 	opens   atomic.Int32
+}
+
+func (h *hooked) ListTags(ctx context.Context, repo reference.Named) ([]string, error) {
+	if h.list != nil {
+		return h.list(ctx, repo)
+	}
+	return h.Source.ListTags(ctx, repo)
 }
 
 func (h *hooked) Resolve(ctx context.Context, repo reference.Named, tag string) (ocispec.Descriptor, error) {
@@ -394,7 +403,10 @@ func TestRequestErrors(t *testing.T) {
 		{"unknown algorithm", "/v2/team/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e?ns=" + ns, 400, "DIGEST_INVALID"},
 		{"upper case hex", "/v2/team/app/blobs/sha256:" + strings.Repeat("A", 64) + "?ns=" + ns, 400, "DIGEST_INVALID"},
 		{"blob by tag", "/v2/team/app/blobs/oci?ns=" + ns, 400, "DIGEST_INVALID"},
-		{"tag list", "/v2/team/app/tags/list?ns=" + ns, 405, "UNSUPPORTED"},
+		{"tag list of an unknown repository", "/v2/team/nothing/tags/list?ns=" + ns, 404, "NAME_UNKNOWN"},
+		{"tag list, negative n", "/v2/team/app/tags/list?n=-1&ns=" + ns, 400, "PAGINATION_NUMBER_INVALID"},
+		{"tag list, n not a number", "/v2/team/app/tags/list?n=two&ns=" + ns, 400, "PAGINATION_NUMBER_INVALID"},
+		{"tag list, bad name", "/v2/Team/App/tags/list?ns=" + ns, 400, "NAME_INVALID"},
 		{"referrers", "/v2/team/app/referrers/" + zero + "?ns=" + ns, 405, "UNSUPPORTED"},
 		{"upload", "/v2/team/app/blobs/uploads/?ns=" + ns, 405, "UNSUPPORTED"},
 		{"upload session", "/v2/team/app/blobs/uploads/123?ns=" + ns, 405, "UNSUPPORTED"},
@@ -409,6 +421,63 @@ func TestRequestErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Tag lists come from the source, sorted, a page at a time as the distribution spec says; a source
+// that cannot list, or fails, says so.
+func TestTagList(t *testing.T) {
+	all := []string{"artifact", "docker", "docker-arm", "index", "list", "list-arm", "oci", "oci-bare"}
+	path := "/v2/team/app/tags/list?ns=" + ns
+	type tagList struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}
+	u := newUnit(t, nil)
+	for _, c := range []struct {
+		query string
+		want  []string
+		link  string // the next page's, "" for none
+	}{
+		{"", all, ""},
+		{"&n=3", all[:3], `</v2/team/app/tags/list?last=docker-arm&n=3&ns=example.test>; rel="next"`},
+		{"&n=3&last=docker-arm", all[3:6], `</v2/team/app/tags/list?last=list-arm&n=3&ns=example.test>; rel="next"`},
+		{"&n=3&last=list-arm", all[6:], ""},
+		{"&last=m", all[6:], ""},
+		{"&last=zzz", []string{}, ""},
+		{"&n=0", []string{}, ""},
+		{"&n=100", all, ""},
+	} {
+		get := u.do(t, http.MethodGet, path+c.query)
+		var l tagList
+		if get.status != 200 || json.Unmarshal(get.body, &l) != nil || l.Name != "team/app" || l.Tags == nil || !slices.Equal(l.Tags, c.want) {
+			t.Errorf("GET %s: %d %s; want %q", c.query, get.status, get.body, c.want)
+		}
+		if got := get.header.Get("Link"); got != c.link {
+			t.Errorf("GET %s: Link %q, want %q", c.query, got, c.link)
+		}
+		head := u.do(t, http.MethodHead, path+c.query)
+		if head.status != 200 || len(head.body) != 0 || head.header.Get("Content-Length") != strconv.Itoa(len(get.body)) ||
+			head.header.Get("Content-Type") != "application/json" || get.header.Get("Content-Type") != "application/json" {
+			t.Errorf("HEAD %s: %d, %d bytes, %v; GET's Content-Type %q", c.query, head.status, len(head.body), head.header, get.header.Get("Content-Type"))
+		}
+	}
+
+	for _, c := range []struct {
+		err    error
+		status int
+		code   string
+	}{
+		{fmt.Errorf("dial: %w", source.ErrUnavailable), 503, "UNAVAILABLE"},
+		{errors.New("boom"), 502, "UNKNOWN"},
+	} {
+		u := newUnit(t, func(h *hooked) {
+			h.list = func(context.Context, reference.Named) ([]string, error) { return nil, c.err }
+		})
+		checkError(t, fmt.Sprintf("tag list, source error %v", c.err), u.do(t, http.MethodGet, path), http.MethodGet, c.status, c.code)
+	}
+	u = newUnit(t, nil)
+	u.mirror.SetSource(struct{ source.Source }{u.mem}) // a source that answers tags but cannot list them
+	checkError(t, "tag list, source that cannot list", u.do(t, http.MethodGet, path), http.MethodGet, http.StatusMethodNotAllowed, "UNSUPPORTED")
 }
 
 // Requests that name no registry go to the default one, whose names are normalized as docker does.
