@@ -28,6 +28,7 @@ import (
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 )
 
@@ -40,7 +41,7 @@ type env struct {
 
 // start runs a real API server with the CRDs and the controller against it.
 func start(t *testing.T) *env {
-	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
+	kube := kubeenv.Start(t, "../../config/crd/bases")
 	scheme := controller.NewScheme()
 	c, err := client.New(kube.Config, client.Options{Scheme: scheme})
 	if err != nil {

@@ -1,7 +1,8 @@
 // Package testenv starts the real components that imagemesh's tests run against: the distribution
 // registry, crane, skopeo, containerd (1.6 and 2.x) and Docker Engine (dockerd). It finds their
 // binaries in $IMAGEMESH_TOOLS, then in ~/.cache/imagemesh/tools/bin (where `make test-deps` builds
-// them), then on PATH.
+// them), then on PATH. The Kubernetes API server is in kubeenv, so that tests that do not need one do
+// not link envtest and client-go.
 //
 // A missing component skips the test on a developer's machine and fails it under CI=true: CI must
 // never pass because it quietly tested nothing.

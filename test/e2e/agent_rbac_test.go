@@ -17,6 +17,7 @@ import (
 
 	"github.com/imagemesh/imagemesh/internal/kubeclient"
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 	"github.com/imagemesh/imagemesh/pkg/mirrorconfig"
 )
 
@@ -32,7 +33,7 @@ const nodeNameExtra = "authentication.kubernetes.io/node-name"
 // the token, no Secret listed, no Secret of another namespace.
 func TestAgentRBAC(t *testing.T) {
 	helm := testenv.Tool(t, "helm")
-	kube := testenv.StartKubernetes(t)
+	kube := kubeenv.Start(t)
 	admin, err := client.New(kube.Config, client.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -23,6 +23,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 	"github.com/imagemesh/imagemesh/pkg/peering"
 )
 
@@ -42,7 +43,7 @@ func TestHelmChart(t *testing.T) {
 		t.Fatal("charts/imagemesh/crds differs from the generated CRD in config/crd/bases: run make generate")
 	}
 
-	kube := testenv.StartKubernetes(t, filepath.Join(chartDir, "crds"))
+	kube := kubeenv.Start(t, filepath.Join(chartDir, "crds"))
 	c, err := client.New(kube.Config, client.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 	"github.com/imagemesh/imagemesh/pkg/mirror"
 )
 
@@ -25,7 +26,7 @@ import (
 // prefetch its image, and report; containerd then pulls from the agent's cache. Deleting the
 // ImageSource, and stopping the agent (uninstall), remove the files the agent wrote.
 func TestClusterMirrorConfiguration(t *testing.T) {
-	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
+	kube := kubeenv.Start(t, "../../config/crd/bases")
 	ctx := context.Background()
 	c, err := client.New(kube.Config, client.Options{Scheme: controller.NewScheme()})
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 )
 
 // TestKubernetesBootstrap: an agent finds its peer through the EndpointSlices of the agents' Service
@@ -23,7 +24,7 @@ func TestKubernetesBootstrap(t *testing.T) {
 	if !testenv.RunInNetns(t, "10.80.0.1", "10.80.0.2") {
 		return
 	}
-	kube := testenv.StartKubernetes(t)
+	kube := kubeenv.Start(t)
 	ctx := context.Background()
 	const ns = "imagemesh"
 	if _, err := kube.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {

@@ -22,6 +22,7 @@ import (
 	imagemeshv1alpha1 "github.com/imagemesh/imagemesh/api/v1alpha1"
 	"github.com/imagemesh/imagemesh/internal/controller"
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/internal/testenv/kubeenv"
 	"github.com/imagemesh/imagemesh/pkg/hostconfig"
 	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
 	"github.com/imagemesh/imagemesh/pkg/storage/layout"
@@ -308,7 +309,7 @@ func TestClusterStorjSource(t *testing.T) {
 	gw := startStorjGateway(t, access)
 	testenv.PushImage(t, gw+"/team/app:v1", testenv.Layer{Size: 3 << 20})
 
-	kube := testenv.StartKubernetes(t, "../../config/crd/bases")
+	kube := kubeenv.Start(t, "../../config/crd/bases")
 	c, err := client.New(kube.Config, client.Options{Scheme: controller.NewScheme()})
 	if err != nil {
 		t.Fatal(err)
