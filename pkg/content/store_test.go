@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -252,6 +253,62 @@ func TestFetchWithholdsLastByteAndDropsCorruptBlob(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(filepath.Join(s.Root(), "ingest")); len(left) != 0 {
 		t.Fatalf("temp file of corrupt blob left: %v", left)
+	}
+}
+
+// Readers that join a fetch as it commits (its temp file renamed into the store before they open it)
+// get the committed blob. They once deadlocked there: the reader released its hold on the fetch while
+// it still held the fetch's lock, which the release takes.
+func TestFetchJoinedAsItCommits(t *testing.T) {
+	// Not openStore: a deadlocked fetch would hang its Close in the cleanup, and the test with it.
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		for range 100 {
+			data, d := randomBlob(t, 1) // one byte: the fetch commits right after its size is known
+			fetch := func(context.Context, int64) (*Fetched, error) {
+				return &Fetched{Body: io.NopCloser(bytes.NewReader(data)), Size: 1, Source: "test"}, nil
+			}
+			var wg sync.WaitGroup
+			errs := make(chan error, 20)
+			for range 20 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r, err := s.Fetch(context.Background(), d, fetch)
+					if err == nil {
+						var got []byte
+						got, err = io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+						r.Close()
+						if err == nil && !bytes.Equal(got, data) {
+							err = fmt.Errorf("read %q, want %q", got, data)
+						}
+					}
+					errs <- err
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				if err != nil {
+					done <- err
+					return
+				}
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("readers of fetches that committed as they joined still wait after 30 s")
 	}
 }
 
