@@ -35,10 +35,12 @@ images:
 test-deps:
 	hack/test-deps.sh
 
-# gofmt, go vet, a tidy go.mod, and no build output (nor any other file over 1 MB) tracked by git.
+# gofmt, go vet, golangci-lint (.golangci.yaml; built once into the tool cache), a tidy go.mod, and
+# no build output (nor any other file over 1 MB) tracked by git.
 check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$$(hack/tools/build.sh golangci-lint | tail -n 1)/golangci-lint run ./...
 	$(GO) mod tidy -diff
 	@big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print "  " $$2 " (" $$1 " bytes)"}'); \
 	if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs belong in .gitignore):"; echo "$$big"; exit 1; fi

@@ -117,7 +117,7 @@ func WithTokenAuth(user, password string, ts **TokenServer) RegistryOption {
 			tok, _ := jws.CompactSerialize()
 			srv.Issued.Add(1)
 			w.Header().Set("Content-Type", "application/json")
-			json.NewEncoder(w).Encode(map[string]any{"token": tok, "access_token": tok, "expires_in": 300, "issued_at": now.UTC().Format(time.RFC3339)})
+			_ = json.NewEncoder(w).Encode(map[string]any{"token": tok, "access_token": tok, "expires_in": 300, "issued_at": now.UTC().Format(time.RFC3339)})
 		})
 		if ts != nil {
 			*ts = srv

@@ -185,7 +185,7 @@ func (c *Containerd) ctrOutput(ctx context.Context, ns string, args ...string) (
 	cmd := exec.CommandContext(ctx, c.ctr, append([]string{"--address", c.Socket, "--namespace", ns}, args...)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("ctr %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		return stdout.String(), fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil
 }
@@ -214,7 +214,7 @@ func (c *Containerd) CRIPull(ctx context.Context, ref string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }() // only dialled to see it answers
 	images := runtimeapi.NewImageServiceClient(conn)
 	resp, err := images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
 	if err != nil {
@@ -260,7 +260,7 @@ func (c *Containerd) Image(ctx context.Context, ns, ref string) (Image, error) {
 		}
 		d, err := digest.Parse(f[2])
 		if err != nil {
-			return Image{}, fmt.Errorf("ctr images check: %q: %v", sc.Text(), err)
+			return Image{}, fmt.Errorf("ctr images check: %q: %w", sc.Text(), err)
 		}
 		unpacked, _ := strconv.ParseBool(f[len(f)-1])
 		return Image{Ref: ref, MediaType: f[1], Digest: d, Complete: f[3] == "complete", Unpacked: unpacked}, nil

@@ -71,7 +71,7 @@ func StartKubo(t testing.TB, opts ...KuboOption) *Kubo {
 		if err != nil {
 			return err
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close() // only the status matters
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("HTTP %d", resp.StatusCode)
 		}

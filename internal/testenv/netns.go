@@ -31,7 +31,11 @@ func RunInNetns(t *testing.T, addrs ...string) bool {
 		}
 	}
 	run("netns", "add", ns)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Logf("ip netns del %s: %v %s", ns, err, out)
+		}
+	})
 	run("-n", ns, "link", "set", "lo", "up")
 	// A veth pair with both ends inside: the addresses need an interface that is up, and the kernel
 	// here may lack the dummy driver.

@@ -120,7 +120,7 @@ func (r *Registry) Start(t testing.TB) {
 		if err != nil {
 			return err
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close() // only the status matters
 		// 401 is a registry that is up and asks for credentials.
 		if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusUnauthorized {
 			return fmt.Errorf("GET /v2/: %s", resp.Status)
@@ -181,8 +181,8 @@ func front(t testing.TB, addr string, token http.Handler, backend string) {
 	mux.Handle("/token", token)
 	mux.Handle("/", httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: backend}))
 	srv := &http.Server{Handler: mux, ErrorLog: log.New(io.Discard, "", 0)}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	go func() { _ = srv.Serve(ln) }() // ends with ErrServerClosed at cleanup
+	t.Cleanup(func() { _ = srv.Close() })
 }
 
 // Transport is an HTTP transport that trusts the registry's certificate, if it has one.

@@ -100,7 +100,7 @@ func FreeAddrOn(t testing.TB, host string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }() // only held to learn a free port
 	return l.Addr().String()
 }
 
@@ -147,7 +147,7 @@ func startCmd(logPath string, cmd *exec.Cmd) (*process, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer logf.Close() // the child has its own copy
+	defer func() { _ = logf.Close() }() // the child has its own copy
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
@@ -165,7 +165,7 @@ func startCmd(logPath string, cmd *exec.Cmd) (*process, error) {
 func (p *process) exited() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("exited: %v", p.err)
+		return fmt.Errorf("exited: %w", p.err)
 	default:
 		return nil
 	}
@@ -177,11 +177,11 @@ func (p *process) stop(timeout time.Duration) { p.signal(syscall.SIGTERM, timeou
 // signal sends sig to the process group, and SIGKILL if it has not exited after timeout.
 func (p *process) signal(sig syscall.Signal, timeout time.Duration) {
 	pid := p.cmd.Process.Pid
-	syscall.Kill(-pid, sig)
+	_ = syscall.Kill(-pid, sig) // gone already is fine
 	select {
 	case <-p.done:
 	case <-time.After(timeout):
-		syscall.Kill(-pid, syscall.SIGKILL)
+		_ = syscall.Kill(-pid, syscall.SIGKILL) // gone already is fine
 		<-p.done
 	}
 }
@@ -198,7 +198,7 @@ func waitReady(p *process, timeout time.Duration, ready func() error) error {
 			return nil
 		}
 		if e := p.exited(); e != nil {
-			return fmt.Errorf("%w (%v) before it was ready: %v", errExited, e, err)
+			return fmt.Errorf("%w (%w) before it was ready: %w", errExited, e, err)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("not ready after %s: %w", timeout, err)

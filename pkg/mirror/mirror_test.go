@@ -68,7 +68,7 @@ func newFaultProxy(t *testing.T, upstream string) *faultProxy {
 		if d, ok := p.bigDigest.Load().(string); ok && strings.HasSuffix(r.URL.Path, "/manifests/"+d) {
 			w.Header().Set("Content-Type", ocispec.MediaTypeImageManifest)
 			w.Header().Set("Docker-Content-Digest", d)
-			w.Write(bytes.Repeat([]byte(" "), 5<<20))
+			_, _ = w.Write(bytes.Repeat([]byte(" "), 5<<20)) // the mirror under test may stop reading
 			return
 		}
 		rp.ServeHTTP(w, r)
@@ -153,8 +153,7 @@ func setup(t *testing.T, layerSize int64, tune ...func(*content.Options, *mirror
 	t.Cleanup(e.mirror.Close)
 
 	var man ocispec.Manifest
-	json.Unmarshal(e.get(t, "manifests/v1", allManifestTypes).body, &man)
-	if len(man.Layers) != 1 {
+	if err := json.Unmarshal(e.get(t, "manifests/v1", allManifestTypes).body, &man); err != nil || len(man.Layers) != 1 {
 		t.Fatalf("pushed image has %d layers", len(man.Layers))
 	}
 	e.layer = man.Layers[0]
@@ -199,8 +198,12 @@ func TestPullAPI(t *testing.T) {
 
 	t.Run("base", func(t *testing.T) {
 		resp, err := http.Get(e.mirror.URL + "/v2/")
-		if err != nil || resp.StatusCode != http.StatusOK || resp.Header.Get("Docker-Distribution-API-Version") != "registry/2.0" {
-			t.Fatalf("GET /v2/: %v %v", resp, err)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Docker-Distribution-API-Version") != "registry/2.0" {
+			t.Fatalf("GET /v2/: %v", resp)
 		}
 	})
 	t.Run("manifest by tag and digest", func(t *testing.T) {
@@ -301,7 +304,9 @@ func TestBadInput(t *testing.T) {
 	}
 	// Nothing of that got into the store.
 	n := 0
-	e.store.Walk(func(content.Info) error { n++; return nil })
+	if err := e.store.Walk(func(content.Info) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
 	if n != 1 { // the manifest setup fetched
 		t.Errorf("store holds %d blobs after bad requests, want 1", n)
 	}
@@ -437,7 +442,7 @@ func TestConcurrentColdPullsFetchOnce(t *testing.T) {
 			defer wg.Done()
 			a := e.do(t, http.MethodGet, "blobs/"+e.layer.Digest.String())
 			if a.err != nil || a.status != 200 || digest.FromBytes(a.body) != e.layer.Digest {
-				errs <- fmt.Errorf("status %d, err %v, %d bytes", a.status, a.err, len(a.body))
+				errs <- fmt.Errorf("status %d, err %w, %d bytes", a.status, a.err, len(a.body))
 			}
 		}()
 	}

@@ -105,14 +105,14 @@ func Run(t *testing.T, f Fixture) {
 	})
 	t.Run("OpenBlob", func(t *testing.T) {
 		for _, off := range []int64{0, 1, int64(len(f.Blob)) / 2, int64(len(f.Blob)) - 1} {
-			got, size := open(t, ctx(t), src, source.Object{Repo: f.Repo, Kind: source.KindBlob, Digest: blob}, off)
+			got, size := open(ctx(t), t, src, source.Object{Repo: f.Repo, Kind: source.KindBlob, Digest: blob}, off)
 			if size != int64(len(f.Blob)) || !bytes.Equal(got, f.Blob[off:]) {
 				t.Fatalf("Open(blob, %d): size %d, %d bytes; want size %d and the blob from %d", off, size, len(got), len(f.Blob), off)
 			}
 		}
 	})
 	t.Run("OpenManifest", func(t *testing.T) {
-		got, _ := open(t, ctx(t), src, source.Object{Repo: f.Repo, Kind: source.KindManifest, Digest: manifest}, 0)
+		got, _ := open(ctx(t), t, src, source.Object{Repo: f.Repo, Kind: source.KindManifest, Digest: manifest}, 0)
 		if !bytes.Equal(got, f.Manifest) {
 			t.Fatalf("Open(manifest): %d bytes differ from the %d pushed", len(got), len(f.Manifest))
 		}
@@ -121,7 +121,7 @@ func Run(t *testing.T, f Fixture) {
 		for _, k := range []source.Kind{source.KindBlob, source.KindManifest} {
 			c, err := src.Open(ctx(t), source.Object{Repo: f.Repo, Kind: k, Digest: unknown}, 0)
 			if c != nil {
-				c.Close()
+				_ = c.Close() // read-only
 			}
 			if !errors.Is(err, source.ErrNotFound) {
 				t.Fatalf("Open(unknown %s) = %v, want ErrNotFound", k, err)
@@ -141,10 +141,10 @@ func Run(t *testing.T, f Fixture) {
 					errs <- err
 					return
 				}
-				defer c.Close()
+				defer func() { _ = c.Close() }() // read-only
 				got, err := io.ReadAll(c)
 				if err != nil || !bytes.Equal(got, f.Blob[off:]) {
-					errs <- fmt.Errorf("concurrent Open at %d: %v, %d bytes", off, err, len(got))
+					errs <- fmt.Errorf("concurrent Open at %d: %w, %d bytes", off, err, len(got))
 				}
 			}()
 		}
@@ -161,7 +161,7 @@ func Run(t *testing.T, f Fixture) {
 		if err == nil {
 			// The answer may have been under way; reading it must then fail.
 			_, err = io.ReadAll(content)
-			content.Close()
+			_ = content.Close() // read-only
 		}
 		if err == nil {
 			t.Fatal("Open with a canceled context succeeded")
@@ -172,13 +172,13 @@ func Run(t *testing.T, f Fixture) {
 	})
 }
 
-func open(t *testing.T, ctx context.Context, src source.Source, obj source.Object, off int64) ([]byte, int64) {
+func open(ctx context.Context, t *testing.T, src source.Source, obj source.Object, off int64) ([]byte, int64) {
 	t.Helper()
 	c, err := src.Open(ctx, obj, off)
 	if err != nil {
 		t.Fatalf("Open(%s, %d): %v", obj, off, err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }() // read-only
 	got, err := io.ReadAll(c)
 	if err != nil {
 		t.Fatalf("read %s from %d: %v", obj, off, err)
