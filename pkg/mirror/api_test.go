@@ -937,3 +937,51 @@ func TestMethods(t *testing.T) {
 		t.Errorf("GET /v1/: %d %q", a.status, a.header.Get("Content-Type"))
 	}
 }
+
+// TestCorruptManifestFallsThrough: a source whose copy of a manifest does not verify is told why and
+// passed over in the same request; the client gets the manifest from the next source, not an error.
+// Only copies that keep failing verification end in an error, after a bounded number of tries.
+func TestCorruptManifestFallsThrough(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		corrupt int32 // how many opens answer with a corrupt copy
+		status  int
+	}{
+		{"one corrupt copy", 1, http.StatusOK},
+		{"every copy corrupt", 100, http.StatusBadGateway},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rejected atomic.Int32
+			u := newUnit(t, func(h *hooked) {
+				h.open = func(ctx context.Context, obj source.Object, offset int64) (*source.Content, error) {
+					c, err := h.Source.Open(ctx, obj, offset)
+					if err != nil || obj.Kind != source.KindManifest || h.opens.Load() > tc.corrupt {
+						return c, err
+					}
+					body, err := io.ReadAll(c)
+					c.Close()
+					if err != nil {
+						return nil, err
+					}
+					body[len(body)/2] ^= 0xff
+					return &source.Content{ReadCloser: io.NopCloser(bytes.NewReader(body)), Descriptor: c.Descriptor,
+						Source: "bucket", Untrusted: true, Reject: func(error) { rejected.Add(1) }}, nil
+				}
+			})
+			d := digest.FromBytes(u.im.oci)
+			a := u.do(t, http.MethodGet, "/v2/team/app/manifests/"+d.String()+"?ns="+ns, "Accept", allManifestTypes)
+			if a.status != tc.status {
+				t.Fatalf("GET a manifest whose first %d copies are corrupt: %d, want %d (%s)", tc.corrupt, a.status, tc.status, a.body)
+			}
+			if tc.status == http.StatusOK && !bytes.Equal(a.body, u.im.oci) {
+				t.Error("the manifest served is not the one asked for")
+			}
+			if want := min(tc.corrupt, 3); rejected.Load() != want {
+				t.Errorf("the source was told %d times, want %d", rejected.Load(), want)
+			}
+			if _, err := u.store.Stat(d); (err == nil) != (tc.status == http.StatusOK) {
+				t.Errorf("store holds the manifest: %v; it should only when it verified", err == nil)
+			}
+		})
+	}
+}

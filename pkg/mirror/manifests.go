@@ -17,6 +17,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/imagemesh/imagemesh/pkg/content"
 	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
@@ -176,27 +177,21 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 	v, err, _ := m.manifests.Do(d.String(), func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
 		defer cancel()
-		c, err := m.src().Open(ctx, source.Object{Repo: repo, Kind: source.KindManifest, Digest: d}, 0)
-		if err != nil {
-			return nil, err
+		// A source whose manifest does not verify is told, and the request goes on to the next
+		// one: a corrupt copy in a bucket or a root costs a try, not the pull. Telling the source
+		// makes it pass the digest over; the tries are bounded all the same.
+		var errs []error
+		for range manifestTries {
+			body, src, err := m.fetchManifest(ctx, repo, d)
+			if err == nil {
+				return result{body, src}, nil
+			}
+			errs = append(errs, err)
+			if !errors.Is(err, content.ErrDigestMismatch) {
+				break
+			}
 		}
-		defer func() { _ = c.Close() }() // read whole below; a failed read is the error
-		if c.Descriptor.Size > source.MaxManifestSize {
-			return nil, fmt.Errorf("%w: manifest %s from %s is %d bytes, over the %d byte limit",
-				errBadManifest, d, c.Source, c.Descriptor.Size, source.MaxManifestSize)
-		}
-		body, err := io.ReadAll(io.LimitReader(c, source.MaxManifestSize+1))
-		if err != nil {
-			return nil, fmt.Errorf("%w: read manifest %s from %s: %w", source.ErrUnavailable, d, c.Source, err)
-		}
-		if len(body) > source.MaxManifestSize {
-			return nil, fmt.Errorf("%w: manifest %s from %s is over the %d byte limit",
-				errBadManifest, d, c.Source, source.MaxManifestSize)
-		}
-		if err := m.store.Put(d, body); err != nil {
-			return nil, fmt.Errorf("manifest from %s: %w", c.Source, err)
-		}
-		return result{body, c.Source}, nil
+		return nil, errors.Join(errs...)
 	})
 	if err != nil {
 		return nil, "", err
@@ -204,6 +199,38 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 	res := v.(result)
 	m.sizes.learn(res.body)
 	return res.body, res.source, nil
+}
+
+// manifestTries bounds the sources asked for one manifest whose copies do not verify.
+const manifestTries = 3
+
+// fetchManifest reads a manifest from the sources, verifies it and stores it.
+func (m *Mirror) fetchManifest(ctx context.Context, repo reference.Named, d digest.Digest) ([]byte, string, error) {
+	c, err := m.src().Open(ctx, source.Object{Repo: repo, Kind: source.KindManifest, Digest: d}, 0)
+	if err != nil {
+		return nil, "", err
+	}
+	defer func() { _ = c.Close() }() // read whole below; a failed read is the error
+	if c.Descriptor.Size > source.MaxManifestSize {
+		return nil, "", fmt.Errorf("%w: manifest %s from %s is %d bytes, over the %d byte limit",
+			errBadManifest, d, c.Source, c.Descriptor.Size, source.MaxManifestSize)
+	}
+	body, err := io.ReadAll(io.LimitReader(c, source.MaxManifestSize+1))
+	if err != nil {
+		return nil, "", fmt.Errorf("%w: read manifest %s from %s: %w", source.ErrUnavailable, d, c.Source, err)
+	}
+	if len(body) > source.MaxManifestSize {
+		return nil, "", fmt.Errorf("%w: manifest %s from %s is over the %d byte limit",
+			errBadManifest, d, c.Source, source.MaxManifestSize)
+	}
+	if err := m.store.Put(d, body); err != nil {
+		err = fmt.Errorf("manifest from %s: %w", c.Source, err)
+		if errors.Is(err, content.ErrDigestMismatch) && c.Reject != nil {
+			c.Reject(err)
+		}
+		return nil, "", err
+	}
+	return body, c.Source, nil
 }
 
 // defaultPlatform picks linux/amd64 from a manifest list, as distribution does for clients that do not
