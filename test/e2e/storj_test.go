@@ -267,6 +267,21 @@ func TestStorjCorruptAndDown(t *testing.T) {
 	if err := d.PutContent(ctx(t), layout.BlobData(layer), bad); err != nil {
 		t.Fatal(err)
 	}
+	// And the manifest's: it must fall through to the registry in the same request.
+	out, err := exec.Command(crane, "digest", "--insecure", reg.Host+"/team/app:v1").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	manifest := digest.Digest(strings.TrimSpace(string(out)))
+	goodManifest, err := d.GetContent(ctx(t), layout.BlobData(manifest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	badManifest := append([]byte{}, goodManifest...)
+	badManifest[len(badManifest)/2] ^= 0x01
+	if err := d.PutContent(ctx(t), layout.BlobData(manifest), badManifest); err != nil {
+		t.Fatal(err)
+	}
 	d.Close()
 
 	hosts := t.TempDir()
@@ -275,10 +290,14 @@ func TestStorjCorruptAndDown(t *testing.T) {
 	if out, err := ctrd.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
 		t.Fatalf("pull with a corrupt layer in Storj: %v\n%s", err, out)
 	}
-	if got := agent.Metric("imagemesh_content_verification_failures_total"); got < 1 {
-		t.Fatalf("verification failures: %v, want the corrupt copy caught", got)
+	if got := agent.Metric("imagemesh_content_verification_failures_total"); got < 2 {
+		t.Fatalf("verification failures: %v, want both corrupt copies caught", got)
 	}
-	code, body, _ := agent.Get(agent.URL + "/v2/team/app/blobs/" + layer.String() + "?ns=example.test")
+	code, body, _ := agent.Get(agent.URL + "/v2/team/app/manifests/" + manifest.String() + "?ns=example.test")
+	if code != http.StatusOK || digest.FromBytes(body) != manifest {
+		t.Fatalf("the agent serves %d, %d bytes that are not the manifest", code, len(body))
+	}
+	code, body, _ = agent.Get(agent.URL + "/v2/team/app/blobs/" + layer.String() + "?ns=example.test")
 	if code != http.StatusOK || digest.FromBytes(body) != layer {
 		t.Fatalf("the agent serves %d, %d bytes that are not the layer", code, len(body))
 	}
