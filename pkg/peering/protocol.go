@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"time"
 
@@ -418,7 +419,19 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 		return c, nil
 	}
 	defer func() { _ = c.Close() }() // read whole below; nothing is left to flush
+	// Read whole here, the object escapes the store's stall and rate checks: a deadline does their
+	// work, at the store's minimum rate for the object's size, and never less than smallReadTime.
+	if ps, ok := c.ReadCloser.(*peerStream); ok {
+		wait := max(smallReadTime, time.Duration(c.Descriptor.Size/content.DefaultMinRate)*time.Second)
+		if err := ps.s.SetReadDeadline(time.Now().Add(wait)); err != nil {
+			return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
+		}
+	}
 	body, err := io.ReadAll(io.LimitReader(c, verifyLimit+1))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		err = fmt.Errorf("%w: %w", content.ErrTooSlow, err)
+		n.reject(r.peer, r.obj.Digest, reasonSlow, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("fetch %s from peer %s: %w", r.obj.Digest, r.peer, err)
 	}
@@ -489,6 +502,10 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 		Source:     "peer",
 	}, nil
 }
+
+// smallReadTime is the least time a peer has to send an object that is read whole (up to
+// verifyLimit): a peer that holds it longer is passed over.
+const smallReadTime = 20 * time.Second
 
 // peerStream is a blob arriving from a peer.
 type peerStream struct {
