@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/imagemesh/imagemesh/pkg/atomicfile"
 )
 
 // NodeTokenFile is the file under the data dir that holds the node token.
@@ -42,7 +44,7 @@ func loadNodeToken(dir string) (token string, created bool, err error) {
 		return "", false, fmt.Errorf("node token: %w", err)
 	}
 	token = hex.EncodeToString(raw)
-	if err := writeSecret(path, token+"\n"); err != nil {
+	if err := atomicfile.Write(path, []byte(token+"\n"), 0o600); err != nil {
 		return "", false, fmt.Errorf("node token: %w", err)
 	}
 	return token, true, nil
@@ -67,31 +69,6 @@ func narrowMode(path string) error {
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		return fmt.Errorf("node token: %w", err)
-	}
-	return nil
-}
-
-// writeSecret writes body to path atomically, readable by the owner only from its first byte.
-func writeSecret(path, body string) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-") // mode 0600
-	if err != nil {
-		return err
-	}
-	_, err = tmp.WriteString(body)
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		return errors.Join(fmt.Errorf("write %s: %w", path, err), os.Remove(tmp.Name()))
 	}
 	return nil
 }

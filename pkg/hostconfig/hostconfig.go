@@ -21,6 +21,8 @@ import (
 	"github.com/distribution/reference"
 	"github.com/pelletier/go-toml/v2"
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/imagemesh/imagemesh/pkg/atomicfile"
 )
 
 // Marker is the first line of every file this package writes.
@@ -184,7 +186,7 @@ func Apply(dir string, registries []Registry) (changed []string, err error) {
 			errs = append(errs, err)
 			continue
 		}
-		if err := writeAtomic(path, body, perm); err != nil {
+		if err := atomicfile.Write(path, body, perm); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -281,34 +283,6 @@ func ensureMode(path string, perm fs.FileMode) error {
 	}
 	if err := os.Chmod(path, perm); err != nil {
 		return fmt.Errorf("chmod %s: %w", path, err)
-	}
-	return nil
-}
-
-func writeAtomic(path string, body []byte, perm fs.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".hosts.toml-")
-	if err != nil {
-		return err
-	}
-	_, err = tmp.Write(body)
-	if err == nil {
-		err = tmp.Chmod(perm)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		// The temp file is named as no hosts.toml is: a leftover is never read by containerd.
-		return errors.Join(fmt.Errorf("write %s: %w", path, err), os.Remove(tmp.Name()))
 	}
 	return nil
 }

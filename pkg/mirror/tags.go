@@ -21,6 +21,7 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/imagemesh/imagemesh/pkg/atomicfile"
 	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
@@ -79,7 +80,7 @@ func prune(dir string, limit int) error {
 		if err != nil {
 			continue // gone meanwhile
 		}
-		if strings.HasPrefix(e.Name(), ".tag-") {
+		if strings.HasPrefix(e.Name(), ".") { // a write's temp file, left by a crash
 			errs = append(errs, os.Remove(filepath.Join(dir, e.Name())))
 			continue
 		}
@@ -130,22 +131,8 @@ func (c *tagCache) put(name string, desc ocispec.Descriptor, resolved time.Time)
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(c.dir, ".tag-")
-	if err != nil {
-		return err
-	}
-	_, err = tmp.Write(b)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), c.file(name))
-	}
-	if err != nil {
-		// A leftover temp file is never read as an answer (they are named apart).
-		return errors.Join(err, os.Remove(tmp.Name()))
-	}
-	return nil
+	// A leftover temp file (a dot name) is never read as an answer, and prune removes it.
+	return atomicfile.Write(c.file(name), b, 0o600)
 }
 
 func (c *tagCache) delete(name string) {
