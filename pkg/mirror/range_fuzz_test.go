@@ -60,6 +60,10 @@ func (s *blobSource) Open(_ context.Context, obj source.Object, offset int64) (*
 	var body io.Reader = bytes.NewReader(b[offset:])
 	if n := int64(len(b)); offset < n && gate != nil {
 		body = io.MultiReader(bytes.NewReader(b[offset:n-1]), gatedReader{gate}, bytes.NewReader(b[n-1:]))
+	} else if n == 0 && gate != nil {
+		// An empty blob too ends only at the gate: otherwise it can be committed before the first
+		// answer begins, which then comes from the store.
+		body = gatedReader{gate}
 	}
 	return &source.Content{ReadCloser: io.NopCloser(body),
 		Descriptor: ocispec.Descriptor{Digest: obj.Digest, Size: int64(len(b))}, Source: s.Name()}, nil
