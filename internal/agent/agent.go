@@ -78,6 +78,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		MaxBytes:      maxBytes,
 		HighWatermark: cfg.Cache.HighWatermark,
 		LowWatermark:  cfg.Cache.LowWatermark,
+		UntrustedHold: untrustedHold(cfg.Cache.UntrustedHold),
 		Registerer:    reg,
 		Logger:        log.With("component", "content"),
 	})
@@ -450,4 +451,13 @@ func newSource(spec mirrorconfig.Source, access string) (source.Source, error) {
 		return storjsource.New(storjsource.Options{Access: access, Bucket: spec.Bucket, Prefix: spec.Prefix})
 	}
 	return nil, fmt.Errorf("%s sources are not supported yet", spec.Type)
+}
+
+// untrustedHold maps the configuration's hold, where 0 means none, to the store's, where 0 means
+// the default.
+func untrustedHold(d Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return time.Duration(d)
 }

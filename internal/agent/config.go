@@ -69,6 +69,9 @@ type CacheConfig struct {
 	MaxBytes      CacheSize `json:"maxBytes"`
 	HighWatermark float64   `json:"highWatermark"`
 	LowWatermark  float64   `json:"lowWatermark"`
+	// UntrustedHold is how long a client waits for a blob's bytes from peers, Storj or IPFS to
+	// verify before it gets them as they arrive; 0 sends them at once.
+	UntrustedHold Duration `json:"untrustedHold"`
 }
 
 // Upstream is how to reach one registry.
@@ -170,7 +173,7 @@ func Default() Config {
 	return Config{
 		Listen:          "127.0.0.1:5000",
 		DataDir:         defaultDataDir(),
-		Cache:           CacheConfig{HighWatermark: content.DefaultHighWatermark, LowWatermark: content.DefaultLowWatermark},
+		Cache:           CacheConfig{HighWatermark: content.DefaultHighWatermark, LowWatermark: content.DefaultLowWatermark, UntrustedHold: Duration(content.DefaultUntrustedHold)},
 		DefaultRegistry: mirror.DefaultRegistry,
 		TagTTL:          Duration(mirror.DefaultTagTTL),
 		Log:             LogConfig{Level: "info", Format: "text"},
@@ -236,6 +239,9 @@ func (c *Config) Validate() error {
 	}
 	if !(0 < c.Cache.LowWatermark && c.Cache.LowWatermark <= c.Cache.HighWatermark && c.Cache.HighWatermark <= 1) {
 		errs = append(errs, fmt.Errorf("cache watermarks: want 0 < low (%v) <= high (%v) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark))
+	}
+	if c.Cache.UntrustedHold < 0 {
+		errs = append(errs, fmt.Errorf("cache.untrustedHold %s: want 0 or more", time.Duration(c.Cache.UntrustedHold)))
 	}
 	if err := hostconfig.ValidateHost(c.DefaultRegistry); err != nil {
 		errs = append(errs, fmt.Errorf("defaultRegistry: %w", err))

@@ -24,9 +24,11 @@ type Fetched struct {
 	// size is reserved in the cache up front (evicting to make room); an untrusted one counts as its
 	// bytes arrive, so that a lie cannot empty the cache.
 	SizeTrusted bool
-	// Untrusted marks bytes from a source that may lie, such as another node. Clients get none of them
-	// before the whole blob has verified, so that a bad source costs a retry, never a broken pull; other
-	// untrusted readers (peers, which verify for themselves) get them as they arrive.
+	// Untrusted marks bytes from a source that may lie, such as another node. Peers get them as they
+	// arrive; clients once the blob verified, or once they waited Options.UntrustedHold for them. If
+	// the blob fails verification, every reader that was given a byte of this answer fails, so that
+	// no reader ever has a whole corrupt blob, and the fetch goes again from the first untrusted byte
+	// for the others.
 	Untrusted bool
 	// Reject, if set, is told when the blob failed verification with bytes from this answer in it
 	// (ErrDigestMismatch; the fetch then starts again from the first untrusted byte), or when this
@@ -150,10 +152,17 @@ type ingestion struct {
 	committed bool
 	err       error
 
-	// heldFrom is the offset of the first untrusted byte, -1 if there is none: trusted readers wait
-	// for verification past it.
-	heldFrom int64
-	rejects  []func(error)
+	// heldFrom is the offset of the first untrusted byte, -1 if there is none: clients wait for
+	// verification past it until holdUntil, and a reader given a byte past it is tainted until the
+	// blob verifies.
+	heldFrom  int64
+	holdUntil time.Time
+	holdEnd   *time.Timer
+	rejects   []func(error)
+	// round counts the passes over the blob: it grows when untrusted bytes failed verification and
+	// were cut off, and a reader tainted in an earlier round fails. mismatch says why.
+	round    int
+	mismatch error
 	// reserved is what the fetch holds of the cache's size limit: its size, once a trusted source
 	// told it.
 	reserved int64
@@ -166,7 +175,7 @@ func (s *Store) startLocked(d digest.Digest, fetch FetchFunc) (*ingestion, error
 	if len(s.fetching) >= s.opts.MaxFetches {
 		return nil, fmt.Errorf("fetch %s: %d under way: %w", d, len(s.fetching), ErrTooManyFetches)
 	}
-	ing := &ingestion{s: s, d: d, fetch: fetch, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1}
+	ing := &ingestion{s: s, d: d, fetch: fetch, digester: d.Algorithm().Digester(), sized: make(chan struct{}), size: -1, heldFrom: -1, round: 1}
 	ing.ctx, ing.cancel = context.WithCancelCause(s.ctx)
 	ing.cond = sync.NewCond(&ing.mu)
 	s.fetching[d] = ing
@@ -295,6 +304,9 @@ func (ing *ingestion) run() {
 		ing.abandon.Stop()
 		ing.abandon = nil
 	}
+	if ing.holdEnd != nil {
+		ing.holdEnd.Stop()
+	}
 	ing.cond.Broadcast()
 	ing.mu.Unlock()
 	switch {
@@ -399,6 +411,16 @@ func (ing *ingestion) attempt(hasher *pipeHasher) (bool, error) {
 	if fetched.Untrusted {
 		if ing.heldFrom < 0 {
 			ing.heldFrom = start
+		}
+		if ing.holdUntil.IsZero() {
+			// Once, for the whole fetch: clients that waited through one bad source must not wait
+			// as long again for the next.
+			ing.holdUntil = time.Now().Add(s.opts.UntrustedHold)
+			ing.holdEnd = time.AfterFunc(s.opts.UntrustedHold, func() {
+				ing.mu.Lock()
+				ing.cond.Broadcast()
+				ing.mu.Unlock()
+			})
 		}
 		if fetched.Reject != nil {
 			ing.rejects = append(ing.rejects, fetched.Reject)
@@ -527,8 +549,8 @@ func watchRate(ctx context.Context, done <-chan struct{}, received *atomic.Int64
 const maxVerifyRounds = 3
 
 // fill fetches, verifies and commits the blob. When the blob does not verify and untrusted sources
-// contributed, they are rejected and the fetch goes again from the first untrusted byte: trusted
-// readers have not seen those bytes, so they go on as if nothing happened.
+// contributed, they are rejected and the fetch goes again from the first untrusted byte: the readers
+// that were given none of those bytes go on as if nothing happened, the others fail.
 func (ing *ingestion) fill() error {
 	s := ing.s
 	for round := 1; ; round++ {
@@ -566,6 +588,9 @@ func (ing *ingestion) fill() error {
 		}
 		ing.mu.Lock()
 		ing.written, ing.heldFrom, ing.rejects = from, -1, nil
+		ing.round++
+		ing.mismatch = mismatch
+		ing.cond.Broadcast() // tainted readers fail now, not when the next bytes arrive
 		ing.mu.Unlock()
 		ing.digester = ing.d.Algorithm().Digester()
 		s.log.Warn("blob failed verification; fetching its untrusted part again", "digest", ing.d, "offset", from, "err", mismatch)
@@ -609,8 +634,10 @@ type Reader struct {
 	size   int64
 	source string
 	ing    *ingestion // nil when the blob was complete when the reader was made
-	// untrusted readers verify for themselves: they get untrusted bytes as they arrive.
+	// untrusted readers (peers) verify for themselves: they get untrusted bytes as they arrive.
 	untrusted bool
+	// tainted is the fetch's round in which the reader was given untrusted bytes, 0 if it was not.
+	tainted int
 	// held says the reader counts as a client of ing until it is closed.
 	held bool
 }
@@ -637,7 +664,7 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	if r.ing != nil {
-		avail, err := r.ing.wait(off, 1, r.untrusted)
+		avail, err := r.ing.wait(r, off, 1, off+int64(len(p)))
 		if err != nil {
 			return 0, err
 		}
@@ -649,8 +676,8 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 		p = p[:rem]
 	}
 	n, err := r.f.ReadAt(p, off)
-	if err == io.EOF && off+int64(n) < r.size {
-		err = io.ErrUnexpectedEOF
+	if errors.Is(err, io.EOF) && off+int64(n) < r.size {
+		err = r.cut()
 	}
 	if err == nil && off+int64(n) == r.size {
 		err = io.EOF
@@ -667,7 +694,7 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 	for off < r.size {
 		avail := r.size
 		if r.ing != nil {
-			a, err := r.ing.wait(off, 1<<20, r.untrusted)
+			a, err := r.ing.wait(r, off, 1<<20, r.size)
 			if err != nil {
 				return off, err
 			}
@@ -682,20 +709,24 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 			return off, err
 		}
 		if n == 0 {
-			return off, fmt.Errorf("read %s at %d: %w", r.f.Name(), off, io.ErrUnexpectedEOF)
+			return off, fmt.Errorf("read %s at %d: %w", r.f.Name(), off, r.cut())
 		}
 	}
 	return off, nil
 }
 
-// wait blocks until at least chunk bytes past off may be read, or all that are left, and returns how
-// far the readable bytes go. The last byte waits for verification, and so, for trusted readers, does
-// every byte from an untrusted source.
-func (ing *ingestion) wait(off, chunk int64, untrusted bool) (int64, error) {
+// wait blocks until at least chunk bytes past off may be read by r, or all that are left, and
+// returns how far the readable bytes go, up to end, where r stops reading. The last byte waits for
+// verification, and so, for clients, do untrusted bytes until the hold ends. A reader given untrusted
+// bytes that then failed verification gets an error from then on.
+func (ing *ingestion) wait(r *Reader, off, chunk, end int64) (int64, error) {
 	ing.mu.Lock()
 	defer ing.mu.Unlock()
 	want := min(off+chunk, ing.size)
 	for {
+		if r.tainted != 0 && r.tainted != ing.round {
+			return 0, fmt.Errorf("bytes already read failed verification: %w", ing.mismatch)
+		}
 		if ing.verified || ing.committed {
 			return ing.size, nil
 		}
@@ -703,14 +734,39 @@ func (ing *ingestion) wait(off, chunk int64, untrusted bool) (int64, error) {
 			return 0, ing.err
 		}
 		limit := ing.written
-		if !untrusted && ing.heldFrom >= 0 {
+		if !r.untrusted && ing.heldFrom >= 0 && time.Now().Before(ing.holdUntil) {
 			limit = min(limit, ing.heldFrom)
 		}
-		if avail := min(limit, ing.size-1); avail > off && limit >= want {
+		// Bytes held back end a chunk early: those before them need not wait for the hold.
+		if avail := min(limit, ing.size-1, end); avail > off && (ing.written >= want || limit < ing.written) {
+			if ing.heldFrom >= 0 && avail > ing.heldFrom {
+				r.tainted = ing.round
+			}
 			return avail, nil
 		}
 		ing.cond.Wait()
 	}
+}
+
+// cut says why the file ended before bytes that were readable: the untrusted bytes the reader was
+// given failed verification and were cut off.
+func (r *Reader) cut() error {
+	if r.ing == nil {
+		return io.ErrUnexpectedEOF
+	}
+	ing := r.ing
+	ing.mu.Lock()
+	defer ing.mu.Unlock()
+	for r.tainted != 0 && r.tainted == ing.round && ing.err == nil {
+		ing.cond.Wait() // the file is cut before the round moves on
+	}
+	switch {
+	case r.tainted != 0 && r.tainted != ing.round:
+		return fmt.Errorf("bytes already read failed verification: %w", ing.mismatch)
+	case ing.err != nil:
+		return ing.err
+	}
+	return io.ErrUnexpectedEOF
 }
 
 // Close releases the reader. A fetch it joined goes on while other clients wait for it, and for

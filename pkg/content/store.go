@@ -48,6 +48,10 @@ const (
 	DefaultRateWindow = 20 * time.Second
 	// DefaultAbandonAfter lets a client that gave up and retries find its fetch still under way.
 	DefaultAbandonAfter = 10 * time.Second
+	// DefaultUntrustedHold keeps a client off untrusted bytes long enough for nearly any blob from
+	// peers to verify first (1.5 GB at 100 Mbit/s), and short enough that a bigger one reaches the
+	// client well inside CRI's image_pull_progress_timeout (5 min without a byte cancels a pull).
+	DefaultUntrustedHold = 2 * time.Minute
 )
 
 // ErrSizeMismatch is returned when a source sends more or fewer bytes than it announced.
@@ -73,6 +77,14 @@ type Options struct {
 	// for one): past it, the fetch is cancelled and nothing is kept. A client that comes back within
 	// it joins the fetch. Default DefaultAbandonAfter.
 	AbandonAfter time.Duration
+	// UntrustedHold is how long clients (Fetch) wait for a blob's untrusted bytes to verify before they
+	// get them as they arrive. A client that holds bytes which then fail verification has its transfer
+	// cut, and containerd keeps the bytes it got in its ingest and resumes from them, so its next
+	// pulls fail too until its garbage collector drops them: untrusted bytes go to a client only when
+	// waiting longer would cost more. The clock starts at the fetch's first untrusted byte. Peers
+	// (Reader) verify for themselves and get them at once. Default DefaultUntrustedHold; negative: no
+	// hold.
+	UntrustedHold time.Duration
 	// FetchAttempts bounds how often one fetch is resumed after a source failed mid-way. Default 4.
 	FetchAttempts int
 	// MaxFetches bounds the fetches under way at once (each holds a file in ingest/, a goroutine and a
@@ -149,6 +161,12 @@ func Open(root string, opts Options) (*Store, error) {
 	}
 	if opts.AbandonAfter <= 0 {
 		opts.AbandonAfter = DefaultAbandonAfter
+	}
+	switch {
+	case opts.UntrustedHold == 0:
+		opts.UntrustedHold = DefaultUntrustedHold
+	case opts.UntrustedHold < 0:
+		opts.UntrustedHold = 0
 	}
 	if opts.FetchAttempts == 0 {
 		opts.FetchAttempts = 4

@@ -394,9 +394,125 @@ func TestFetchRejectsOversizedBody(t *testing.T) {
 	}
 }
 
+// With no hold, clients get untrusted bytes as they arrive, as peers do. A trusted source serves the
+// first part, an untrusted one the rest with a flipped byte, then a good untrusted one takes over.
+// When the blob fails verification, the readers that were given corrupt bytes fail, those that were
+// not go on to the right blob, the bad source is rejected, and the fetch goes again from where the
+// untrusted part began.
+func TestFetchWithoutHoldFailsOnlyTheReadersThatHadCorruptBytes(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{UntrustedHold: -1})
+	data, d := randomBlob(t, 4<<20)
+	const trustedPart = 1 << 20
+	var calls atomic.Int32
+	var rejected []string
+	var mu sync.Mutex
+	peerGate := make(chan struct{})
+	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
+		reject := func(name string) func(error) {
+			return func(err error) {
+				if !errors.Is(err, ErrDigestMismatch) {
+					t.Errorf("reject %s: %v, want ErrDigestMismatch", name, err)
+				}
+				mu.Lock()
+				rejected = append(rejected, name)
+				mu.Unlock()
+			}
+		}
+		switch calls.Add(1) {
+		case 1: // trusted, breaks off
+			return &Fetched{Body: io.NopCloser(io.MultiReader(bytes.NewReader(data[:trustedPart]), errReader{io.ErrUnexpectedEOF})), Size: int64(len(data)), Source: "upstream"}, nil
+		case 2: // a bad peer: waits at the gate, then sends a corrupt rest
+			if off != trustedPart {
+				t.Errorf("bad peer asked from %d, want %d", off, trustedPart)
+			}
+			bad := append([]byte{}, data[off:]...)
+			bad[len(bad)/2] ^= 0xff
+			body := io.MultiReader(bytes.NewReader(bad[:1<<20]), gated{peerGate}, bytes.NewReader(bad[1<<20:]))
+			return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("bad")}, nil
+		default:
+			if off != trustedPart {
+				t.Errorf("after rejection, asked from %d, want %d", off, trustedPart)
+			}
+			return &Fetched{Body: io.NopCloser(bytes.NewReader(data[off:])), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("good")}, nil
+		}
+	}
+	early, err := s.Fetch(context.Background(), d, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer early.Close()
+	patient, err := s.Fetch(context.Background(), d, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer patient.Close()
+	peerView, err := s.Reader(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peerView.Close()
+
+	// While the bad peer is held at its gate, its first bytes reach every reader that asks for them.
+	buf := make([]byte, 1024)
+	for name, r := range map[string]*Reader{"client": early, "peer": peerView} {
+		if _, err := r.ReadAt(buf, trustedPart+1000); err != nil {
+			t.Fatalf("%s reader of untrusted bytes before verification: %v", name, err)
+		}
+	}
+	if _, err := patient.ReadAt(buf, 1000); err != nil {
+		t.Fatalf("client reading the trusted part: %v", err)
+	}
+	close(peerGate)
+	// The readers that had the bad peer's bytes fail; one that reads on only after the bad source was
+	// rejected gets the right blob.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		mu.Lock()
+		n := len(rejected)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the bad source was not rejected")
+		}
+	}
+	got, err := io.ReadAll(io.NewSectionReader(patient, 0, patient.Size()))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("reader of the trusted part: %v (%d bytes, equal %v)", err, len(got), bytes.Equal(got, data))
+	}
+	for name, r := range map[string]*Reader{"client": early, "peer": peerView} {
+		if _, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size())); !errors.Is(err, ErrDigestMismatch) {
+			t.Errorf("%s reader that had corrupt bytes: %v, want ErrDigestMismatch", name, err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(rejected) != 1 || rejected[0] != "bad" {
+		t.Fatalf("rejected %v, want just the bad source", rejected)
+	}
+	// The reader has its last byte once the blob verified; the commit follows.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, err := s.Stat(d); err != nil; _, err = s.Stat(d) {
+		if time.Now().After(deadline) {
+			t.Fatalf("blob not kept after the good source: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A new reader gets the right blob.
+	again, err := s.Fetch(context.Background(), d, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	if got, err := io.ReadAll(io.NewSectionReader(again, 0, again.Size())); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("reader after the commit: %v", err)
+	}
+}
+
 // A trusted source serves the first part, an untrusted one (a peer) the rest with a flipped byte, then
 // a good untrusted one takes over. Clients must never see an untrusted byte before verification, the
-// bad source must be rejected, and the fetch must go again from where the untrusted part began.
+// bad source must be rejected, and the fetch must go again from where the untrusted part began. A peer
+// reader, which had the corrupt bytes, fails.
 func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
 	s := openStore(t, t.TempDir(), Options{})
 	data, d := randomBlob(t, 4<<20)
@@ -468,6 +584,9 @@ func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("held client read: %v", err)
 	}
+	if _, err := io.ReadAll(io.NewSectionReader(peerView, 0, peerView.Size())); !errors.Is(err, ErrDigestMismatch) {
+		t.Errorf("peer reader that had corrupt bytes: %v, want ErrDigestMismatch", err)
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if len(rejected) != 1 || rejected[0] != "bad" {
@@ -480,6 +599,36 @@ func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
 			t.Fatalf("blob not kept after the good source: %v", err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Once the hold has passed, a client gets untrusted bytes as they arrive.
+func TestFetchReleasesUntrustedBytesAfterTheHold(t *testing.T) {
+	const hold = 300 * time.Millisecond
+	s := openStore(t, t.TempDir(), Options{UntrustedHold: hold})
+	data, d := randomBlob(t, 2<<20)
+	gate := make(chan struct{})
+	defer close(gate)
+	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
+		body := io.MultiReader(bytes.NewReader(data[off:1<<20]), gated{gate}, bytes.NewReader(data[1<<20:]))
+		return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true}, nil
+	}
+	start := time.Now()
+	client, err := s.Fetch(context.Background(), d, fetch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	buf := make([]byte, 4096)
+	if _, err := client.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	waited := time.Since(start)
+	if waited < hold-50*time.Millisecond || waited > 10*hold {
+		t.Fatalf("client got its first untrusted byte after %s, want about the %s hold", waited, hold)
+	}
+	if !bytes.Equal(buf, data[:len(buf)]) {
+		t.Fatal("wrong bytes")
 	}
 }
 
@@ -501,6 +650,14 @@ func TestFetchGivesUpOnUntrustedSourcesThatNeverVerify(t *testing.T) {
 	}
 	if !errors.Is(err, ErrDigestMismatch) {
 		t.Fatalf("read: %v, want ErrDigestMismatch", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, _, ok := s.Fetching(d); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fetch did not end")
+		}
 	}
 	if n := calls.Load(); n != maxVerifyRounds {
 		t.Fatalf("%d rounds, want %d", n, maxVerifyRounds)

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -984,4 +985,53 @@ func TestCorruptManifestFallsThrough(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A client gets the answer's status and headers at once, while the blob's bytes are still held
+// back (untrusted bytes waiting to verify), so that containerd, which gives a mirror 30 s to answer
+// and then pulls from the registry itself, does not give up on a blob that is on its way.
+func TestBlobHeadersBeforeItsBytes(t *testing.T) {
+	gate := make(chan struct{})
+	var open sync.Once
+	release := func() { open.Do(func() { close(gate) }) }
+	u := newUnit(t, func(h *hooked) {
+		h.open = func(ctx context.Context, obj source.Object, offset int64) (*source.Content, error) {
+			c, err := h.Source.Open(ctx, obj, offset)
+			if err != nil || obj.Kind != source.KindBlob {
+				return c, err
+			}
+			// An untrusted source that sends its first half, then waits.
+			half, orig := c.Descriptor.Size/2, c.ReadCloser
+			body := io.MultiReader(io.LimitReader(orig, half-offset), gateReader(gate), orig)
+			c.ReadCloser, c.Untrusted = struct {
+				io.Reader
+				io.Closer
+			}{body, orig}, true
+			return c, nil
+		}
+	})
+	t.Cleanup(release) // before the server's and the store's, which wait for the fetch
+	d := digest.FromBytes(u.im.layer)
+	client := &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 2 * time.Second}}
+	resp, err := client.Get(u.url + "/v2/team/app/blobs/" + d.String() + "?ns=" + ns)
+	if err != nil {
+		t.Fatalf("no answer while the blob's bytes are held back: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.ContentLength != int64(len(u.im.layer)) {
+		t.Fatalf("status %d, length %d; want 200 and %d", resp.StatusCode, resp.ContentLength, len(u.im.layer))
+	}
+	release()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || !bytes.Equal(body, u.im.layer) {
+		t.Fatalf("body: %d bytes, %v", len(body), err)
+	}
+}
+
+// gateReader reads nothing until gate is closed, then ends.
+type gateReader chan struct{}
+
+func (g gateReader) Read([]byte) (int, error) {
+	<-g
+	return 0, io.EOF
 }

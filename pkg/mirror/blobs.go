@@ -44,7 +44,8 @@ func (m *Mirror) serveBlob(w *responseWriter, r *http.Request, req *request) {
 	}
 	// A blob still arriving: the reader waits for bytes, and fails, rather than end, if the blob turns
 	// out not to match its digest. Then the connection is cut, so that the client sees a short body
-	// and never a complete, corrupt blob.
+	// and never a complete, corrupt blob. The answer starts at once, whatever the source's pace.
+	w.flushHeader = true
 	if r.Header.Get("Range") == "" {
 		// What containerd asks first: the whole blob, sent as the fetch writes it.
 		w.Header().Set("Content-Length", strconv.FormatInt(rd.Size(), 10))

@@ -396,6 +396,9 @@ type responseWriter struct {
 	bytes  int64
 	source string
 	err    string // the message of the API error answered
+	// flushHeader sends the status line and headers at once rather than with the first bytes of
+	// the body: containerd gives a mirror 30 s to answer, and a blob's first bytes may take longer.
+	flushHeader bool
 }
 
 // WriteStall bounds how long one write to a client may block: a client that stops reading is cut
@@ -418,6 +421,10 @@ func (w *responseWriter) WriteHeader(code int) {
 		w.code = code
 	}
 	w.ResponseWriter.WriteHeader(code)
+	if w.flushHeader {
+		_ = w.rc.SetWriteDeadline(time.Now().Add(WriteStall))
+		_ = w.rc.Flush() // a writer that cannot flush (tests' recorders) sends them with the body
+	}
 }
 
 func (w *responseWriter) Write(p []byte) (int, error) {

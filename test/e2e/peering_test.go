@@ -203,6 +203,66 @@ func TestCorruptPeerIsSkipped(t *testing.T) {
 	}
 }
 
+// TestCorruptPeerEveryClient: a node whose copy of a layer rotted serves it to a node that joins, under
+// every client containerd has (ctr and CRI, 1.6 and 2.x). The corrupt bytes are held back from the
+// client until the layer verified, so every pull succeeds the first time: containerd keeps whatever
+// bytes it gets in its ingest and resumes from them, so a client that got corrupt ones would fail
+// pull after pull.
+func TestCorruptPeerEveryClient(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 16 << 20})
+	const image = "example.test/team/app:v1"
+	key := writeKey(t)
+	common := []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", key}
+	h1 := t.TempDir()
+	n1 := startPeer(t, append(common, "--hosts-dir", h1)...)
+	c1 := testenv.StartContainerd(t, testenv.Containerd16, h1)
+	if out, err := c1.CtrPull(ctx(t), image); err != nil {
+		t.Fatalf("pull on node 1: %v\n%s", err, out)
+	}
+	layer := firstLayer(t, reg.URL+"/v2/team/app/manifests/v1").Digest
+	p := filepath.Join(n1.DataDir, "content", "blobs", "sha256", layer.Encoded())
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("rot"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	for _, v := range []testenv.ContainerdVersion{testenv.Containerd16, testenv.Containerd2} {
+		for _, client := range []string{"ctr", "CRI"} {
+			t.Run(string(v)+"/"+client, func(t *testing.T) {
+				h := t.TempDir()
+				n := startPeer(t, append(common, "--hosts-dir", h, "--bootstrap", n1.peerAddr())...)
+				waitMetric(t, n, 1, "imagemesh_peering_peers")
+				c := testenv.StartContainerd(t, v, h)
+				var out string
+				var err error
+				if client == "CRI" {
+					out, err = c.CRIPull(ctx(t), image)
+				} else {
+					out, err = c.CtrPull(ctx(t), image)
+				}
+				if err != nil {
+					t.Fatalf("first pull from a corrupt peer: %v\n%s", err, out)
+				}
+				if got := n.Metric("imagemesh_peering_bad_peer_events_total", `reason="digest_mismatch"`); got < 1 {
+					t.Fatalf("bad peer events: %v; the corrupt peer was not asked, so this tested nothing", got)
+				}
+				b, err := os.ReadFile(filepath.Join(n.DataDir, "content", "blobs", "sha256", layer.Encoded()))
+				if err != nil {
+					t.Fatalf("the layer was not kept: %v", err)
+				}
+				if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != layer.Encoded() {
+					t.Fatal("a corrupt copy was kept")
+				}
+			})
+		}
+	}
+}
+
 // TestPeerKilledMidTransfer: a blob comes from a slow upstream through one node while the other
 // streams it from that node as it arrives. The node fetching from upstream dies half way; the other
 // resumes on the upstream at the byte it had reached, and its client gets the right blob.
