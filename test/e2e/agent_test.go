@@ -58,8 +58,10 @@ type agent struct {
 	Addr    string
 	URL     string
 	DataDir string
-	log     string
-	cmd     *exec.Cmd
+	// netns, if set, is the network namespace the process runs in (ip netns exec).
+	netns string
+	log   string
+	cmd   *exec.Cmd
 }
 
 // startAgent starts node-agent with args on a free port and a fresh data dir, and waits until ready.
@@ -77,7 +79,14 @@ func startAgentOn(t testing.TB, host string, args ...string) *agent {
 // startAgentAt starts node-agent with its API on addr.
 func startAgentAt(t testing.TB, addr string, args ...string) *agent {
 	t.Helper()
-	a := &agent{t: t, args: args, Addr: addr, DataDir: t.TempDir()}
+	return launchAgent(t, &agent{Addr: addr, DataDir: t.TempDir()}, args...)
+}
+
+// launchAgent starts the agent a describes (its Addr and DataDir set, and netns if it runs in one)
+// with args, stops it when the test ends, and waits until it is ready.
+func launchAgent(t testing.TB, a *agent, args ...string) *agent {
+	t.Helper()
+	a.t, a.args = t, args
 	a.URL = "http://" + a.Addr
 	a.log = filepath.Join(t.TempDir(), "agent.log")
 	// Before Start: an agent that never gets ready is stopped too.
@@ -101,6 +110,10 @@ func (a *agent) Start() {
 	}
 	args := append([]string{"--listen", a.Addr, "--data-dir", a.DataDir, "--log-level", "debug"}, a.args...)
 	a.cmd = exec.Command(agentBin, args...)
+	if a.netns != "" {
+		// ip execs the agent in place: the process, its PID and its signals are the agent's.
+		a.cmd = exec.Command("ip", append([]string{"netns", "exec", a.netns, agentBin}, args...)...)
+	}
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatal(err)
