@@ -5,10 +5,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -79,11 +81,19 @@ func keptBlobs(t testing.TB, dataDir string) map[digest.Digest]int64 {
 	return held
 }
 
-// getBlob GETs a blob from an agent and returns the status, the body's digest and length, and the
-// error that ended the body (nil when it ended cleanly).
-func getBlob(t testing.TB, url string) (int, digest.Digest, int64, []byte, error) {
+// getBlob GETs a blob from an agent, with the given header name, value pairs, and returns the
+// status, the digest and length of a 200's body, the body of any other answer, and the error that
+// ended the body (nil when it ended cleanly).
+func getBlob(t testing.TB, url string, header ...string) (int, digest.Digest, int64, []byte, error) {
 	t.Helper()
-	resp, err := http.Get(url)
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", 0, nil, err
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Add(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return 0, "", 0, nil, err
 	}
@@ -233,5 +243,139 @@ func TestDataDiskFillsUp(t *testing.T) {
 		if held[d] == 0 {
 			t.Errorf("%s is not kept once there was room", d)
 		}
+	}
+}
+
+// splitLinks makes a network namespace for a second node, joined to this one by two veth pairs: one
+// that carries peering alone (10.91.1.0/24, this side .1, the namespace .2), whose end here can be
+// shaped with tc, and one for everything else (10.91.2.0/24: the API, the registry). The kernel here
+// has tbf but no classful qdisc to shape one port of a link, so the traffic to shape gets a link of
+// its own. It returns the namespace and the name of the shapeable end.
+func splitLinks(t *testing.T) (ns, peerLink string) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.Tool(t, "ip")
+	testenv.Tool(t, "tc")
+	id := os.Getpid() % 100000
+	ns = fmt.Sprintf("imx-faults-%d", id)
+	peerLink = fmt.Sprintf("imxf%dp", id)
+	apiLink := fmt.Sprintf("imxf%da", id)
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("netns", "add", ns)
+	t.Cleanup(func() {
+		// The veth pairs go with their ends in the namespace.
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v %s", ns, err, out)
+		}
+	})
+	run("-n", ns, "link", "set", "lo", "up")
+	for i, link := range []string{peerLink, apiLink} {
+		inside := fmt.Sprintf("eth%d", i)
+		run("link", "add", link, "type", "veth", "peer", "name", inside, "netns", ns)
+		run("addr", "add", fmt.Sprintf("10.91.%d.1/24", i+1), "dev", link)
+		run("-n", ns, "addr", "add", fmt.Sprintf("10.91.%d.2/24", i+1), "dev", inside)
+		run("link", "set", link, "up")
+		run("-n", ns, "link", "set", inside, "up")
+	}
+	return ns, peerLink
+}
+
+// shape sets the tbf qdisc of dev (added, or changed in place).
+func shape(t *testing.T, dev string, tbf ...string) {
+	t.Helper()
+	args := append([]string{"qdisc", "replace", "dev", dev, "root", "tbf"}, tbf...)
+	if out, err := exec.Command("tc", args...).CombinedOutput(); err != nil {
+		t.Fatalf("tc %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// TestPeerSendsOneBytePerSecond: node 1 holds a 16 MiB layer; node 2, in a network namespace of its
+// own, pulls it while node 1's link to it is shaped with tbf: 1 Mbit/s while the transfer starts, so
+// that the answer and the first bytes arrive, then 8 bit/s, a byte a second. Node 2's store drops
+// node 1 for the blob (it sent less than 32 KiB/s over 20 s), counts it as a slow peer, and resumes
+// from the registry at the byte it had reached: its client gets the right blob.
+func TestPeerSendsOneBytePerSecond(t *testing.T) {
+	ns, peerLink := splitLinks(t)
+	// The registry lives in the namespace, on the unshaped link: both nodes reach it, neither
+	// through the shaped one.
+	reg := testenv.StartRegistry(t, testenv.InNetns(ns, "10.91.2.2:5000"))
+	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 16 << 20})
+	layer := firstLayer(t, reg.URL+"/v2/team/app/manifests/v1")
+	key := writeKey(t)
+	common := []string{"--upstream", "example.test=" + reg.URL, "--peer-key", key}
+	blob := "/v2/team/app/blobs/" + layer.Digest.String() + "?ns=example.test"
+
+	n1 := startAgent(t, append(common, "--peer-listen", "/ip4/10.91.1.1/tcp/"+strings.TrimPrefix(testenv.FreeAddrOn(t, "10.91.1.1"), "10.91.1.1:"))...)
+	if code, got, _, body, err := getBlob(t, n1.URL+blob); code != http.StatusOK || got != layer.Digest || err != nil {
+		t.Fatalf("warm node 1: %d %s %v %s", code, got, err, body)
+	}
+	n2 := launchAgent(t, &agent{Addr: "10.91.2.2:5001", DataDir: t.TempDir(), netns: ns},
+		append(common, "--peer-listen", "/ip4/10.91.1.2/tcp/4001", "--bootstrap", n1.peerAddr())...)
+	waitMetric(t, n2, 1, "imagemesh_peering_peers")
+	waitMetric(t, n1, 1, "imagemesh_peering_peers")
+
+	shape(t, peerLink, "rate", "1mbit", "burst", "32kb", "latency", "100ms")
+	type result struct {
+		code int
+		got  digest.Digest
+		n    int64
+		err  error
+	}
+	done := make(chan result, 1)
+	start := time.Now()
+	go func() {
+		code, got, n, _, err := getBlob(t, n2.URL+blob)
+		done <- result{code, got, n, err}
+	}()
+	waitMetric(t, n2, 1, "imagemesh_content_fetched_bytes_total", `source="peer"`)
+	// 8 bit/s. tbf keeps its bucket in 32 bits of 64 ns ticks, so at this rate it holds at most 274
+	// bytes: 200 here. A full-size segment never fits, and only small ones (acks) pass, a byte's
+	// worth of tokens a second: less than a byte a second of the blob reaches node 2.
+	shape(t, peerLink, "rate", "8bit", "burst", "200", "limit", "1500")
+	trickle := time.Now()
+	var dropped time.Time
+	var res result
+	for waiting := true; waiting; {
+		select {
+		case res = <-done:
+			waiting = false
+		case <-time.After(100 * time.Millisecond):
+			if dropped.IsZero() && n2.Metric("imagemesh_peering_bad_peer_events_total", `reason="slow"`) >= 1 {
+				dropped = time.Now()
+			}
+		}
+	}
+	if res.code != http.StatusOK || res.got != layer.Digest || res.err != nil {
+		t.Fatalf("node 2's client: %d, %d bytes, %s, %v; want %s", res.code, res.n, res.got, res.err, layer.Digest)
+	}
+	if dropped.IsZero() && n2.Metric("imagemesh_peering_bad_peer_events_total", `reason="slow"`) >= 1 {
+		dropped = time.Now()
+	}
+	if dropped.IsZero() {
+		t.Fatalf("node 2 counted no slow peer; bad peer events: %v", n2.Metric("imagemesh_peering_bad_peer_events_total"))
+	}
+	fromPeer := n2.Metric("imagemesh_content_fetched_bytes_total", `source="peer"`)
+	fromUpstream := n2.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`)
+	t.Logf("node 1 held the blob %s from the request (%s at a byte a second) until node 2 dropped it; the client had it after %s: %.0f bytes from the peer, %.0f from the registry",
+		dropped.Sub(start).Round(100*time.Millisecond), dropped.Sub(trickle).Round(100*time.Millisecond),
+		time.Since(start).Round(100*time.Millisecond), fromPeer, fromUpstream)
+	// The store gives up on the peer after its first 20 s window, but the attempt ends only when the
+	// read from the peer's stream returns: a peer stream does not follow the attempt's context, so
+	// here it waits for yamux's keepalive (a ping after 30 s without a frame, 10 s for the answer) to
+	// close the connection, about 40 s in all. Logged, and reported under issue 12, until
+	// pkg/peering closes the stream when the store cancels; then this becomes an assertion.
+	if held := dropped.Sub(start); held > 30*time.Second {
+		t.Logf("node 1 held the blob %s, past the store's 20 s window: the drop waited for the connection to die", held.Round(100*time.Millisecond))
+	}
+	if fromPeer <= 0 || fromUpstream <= 0 || fromPeer+fromUpstream != float64(layer.Size) {
+		t.Fatalf("node 2 fetched %v bytes from the peer and %v from the registry; want a resume that adds up to %d", fromPeer, fromUpstream, layer.Size)
+	}
+	if held := keptBlobs(t, n2.DataDir); held[layer.Digest] != layer.Size {
+		t.Fatalf("node 2 keeps %d bytes of the layer, want %d", held[layer.Digest], layer.Size)
 	}
 }
