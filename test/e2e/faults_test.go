@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -20,6 +21,9 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/imagemesh/imagemesh/internal/testenv"
+	"github.com/imagemesh/imagemesh/pkg/mirror"
+	"github.com/imagemesh/imagemesh/pkg/storage/driver/storj"
+	"github.com/imagemesh/imagemesh/pkg/storage/layout"
 )
 
 // The faults of issue 12 that only show through the real binary: a disk that fills up, a peer that
@@ -377,5 +381,142 @@ func TestPeerSendsOneBytePerSecond(t *testing.T) {
 	}
 	if held := keptBlobs(t, n2.DataDir); held[layer.Digest] != layer.Size {
 		t.Fatalf("node 2 keeps %d bytes of the layer, want %d", held[layer.Digest], layer.Size)
+	}
+}
+
+// TestPeerClaimsWrongSize: node 1's copies of an image's layers grow on disk (bytes appended to the
+// blob files, read back as their sizes when node 1 restarts), so that node 1 announces sizes other
+// than the manifest's. Node 2's containerd pulls the image: node 2 knows the true sizes from the
+// verified manifest, passes node 1 over for both layers (the large one refused on its size alone,
+// the small one, read whole, on its digest), counts it as bad, and gets the image from the
+// registry; it keeps the verified layers only.
+func TestPeerClaimsWrongSize(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 512 << 10}, testenv.Layer{Size: 8 << 20})
+	const image = "example.test/team/app:v1"
+	key := writeKey(t)
+	common := []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", key}
+	// Node 1 announces what it holds every second: a restarted node otherwise waits a whole
+	// reprovide interval (10 minutes) before it tells anyone.
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	mustWrite(t, cfg, []byte("peering:\n  reprovideInterval: 1s\n"), 0o644)
+	hosts := []string{t.TempDir(), t.TempDir()}
+	n1 := startPeer(t, append(common, "--config", cfg, "--hosts-dir", hosts[0])...)
+	c1 := testenv.StartContainerd(t, testenv.Containerd16, hosts[0])
+	if out, err := c1.CtrPull(ctx(t), image); err != nil {
+		t.Fatalf("pull on node 1: %v\n%s", err, out)
+	}
+
+	layers := map[digest.Digest]int64{}
+	n1.Stop()
+	for _, l := range manifestLayers(t, reg.URL+"/v2/team/app/manifests/v1") {
+		p := filepath.Join(n1.DataDir, "content", "blobs", "sha256", l.Encoded())
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatalf("node 1 does not hold layer %s: %v", l, err)
+		}
+		layers[l] = fi.Size()
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteString("and some bytes more"); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n1.Start()
+
+	n2 := startPeer(t, append(common, "--hosts-dir", hosts[1], "--bootstrap", n1.peerAddr())...)
+	waitMetric(t, n2, 1, "imagemesh_peering_peers")
+	// A round of announcements after node 2 joined: node 1 is found for every layer.
+	after := n1.Metric("imagemesh_peering_provide_duration_seconds_count", `result="ok"`)
+	waitMetric(t, n1, after+float64(len(layers)), "imagemesh_peering_provide_duration_seconds_count", `result="ok"`)
+	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts[1])
+	if out, err := c2.CtrPull(ctx(t), image); err != nil {
+		t.Fatalf("pull on node 2 with a peer that claims wrong sizes: %v\n%s", err, out)
+	}
+	wrongSize := n2.Metric("imagemesh_peering_bad_peer_events_total", `reason="wrong_size"`)
+	mismatch := n2.Metric("imagemesh_peering_bad_peer_events_total", `reason="digest_mismatch"`)
+	t.Logf("node 2's bad peer events: %v wrong_size, %v digest_mismatch", wrongSize, mismatch)
+	if wrongSize < 1 || wrongSize+mismatch < float64(len(layers)) {
+		t.Fatalf("node 2 counted %v wrong sizes and %v digest mismatches; want node 1 counted bad for each of %d layers, the large one for its size",
+			wrongSize, mismatch, len(layers))
+	}
+	held := keptBlobs(t, n2.DataDir)
+	var total int64
+	for l, size := range layers {
+		if held[l] != size {
+			t.Errorf("node 2 keeps %d bytes of layer %s, want %d", held[l], l, size)
+		}
+		total += size
+	}
+	if got := n2.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`); got < float64(total) {
+		t.Errorf("node 2 fetched %v bytes from the registry, want both layers (%d)", got, total)
+	}
+}
+
+// TestStorjObjectOfWrongSize: a Storj bucket holds an image whose large layer's object was replaced
+// by one of another size. An agent that also has the registry pulls the image right, from the
+// registry for that layer; an agent with the bucket alone refuses the layer with an error that names
+// the wrong size, and containerd's pull fails. Neither keeps anything that does not verify.
+func TestStorjObjectOfWrongSize(t *testing.T) {
+	testenv.RequireRoot(t)
+	_, access := storjBucket(t)
+	reg := testenv.StartRegistry(t)
+	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 64 << 10}, testenv.Layer{Size: 5 << 20})
+	gw := startStorjGateway(t, access)
+	if out, err := exec.Command(testenv.Tool(t, "crane"), "copy", "--insecure", reg.Host+"/team/app:v1", gw+"/team/app:v1").CombinedOutput(); err != nil {
+		t.Fatalf("crane copy: %v\n%s", err, out)
+	}
+	layer := manifestLayers(t, reg.URL+"/v2/team/app/manifests/v1")[1]
+	d, err := storj.New(context.Background(), storj.Parameters{AccessFile: access, Bucket: "images", Prefix: "registry"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := d.GetContent(ctx(t), layout.BlobData(layer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.PutContent(ctx(t), layout.BlobData(layer), append(good, "and some bytes more"...)); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+
+	hosts := t.TempDir()
+	a := startAgent(t, "--config", storjAgentConfig(t, reg.URL, access, hosts))
+	c := testenv.StartContainerd(t, testenv.Containerd16, hosts)
+	if out, err := c.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
+		t.Fatalf("pull with a layer of the wrong size in Storj: %v\n%s", err, out)
+	}
+	if got := a.Metric("imagemesh_content_fetched_bytes_total", `source="upstream"`); got < float64(len(good)) {
+		t.Fatalf("%v bytes from the registry, want the layer Storj has wrong (%d)", got, len(good))
+	}
+	if held := keptBlobs(t, a.DataDir); held[layer] != int64(len(good)) {
+		t.Fatalf("the agent keeps %d bytes of the layer, want %d", held[layer], len(good))
+	}
+
+	// The bucket alone: the manifest from Storj teaches the agent the layer's size, and Storj's
+	// object is not that size.
+	alone := startAgent(t, "--config", storjAgentConfig(t, "", access, t.TempDir()))
+	if code, _, err := alone.Get(alone.URL + "/v2/team/app/manifests/v1?ns=example.test"); err != nil || code != http.StatusOK {
+		t.Fatalf("manifest from Storj alone: %d %v", code, err)
+	}
+	code, _, _, body, err := getBlob(t, alone.URL+"/v2/team/app/blobs/"+layer.String()+"?ns=example.test",
+		mirror.NodeTokenHeader, alone.Token())
+	t.Logf("the layer of the wrong size, from Storj alone: %d %s", code, body)
+	if err != nil || code == http.StatusOK || !strings.Contains(string(body), "the manifest says") {
+		t.Fatalf("the layer of the wrong size, from Storj alone: %d %v %s; want an error that names the size", code, err, body)
+	}
+	hostsAlone := t.TempDir()
+	startAgent(t, "--config", storjAgentConfig(t, "", access, hostsAlone))
+	c2 := testenv.StartContainerd(t, testenv.Containerd16, hostsAlone)
+	if out, err := c2.CtrPull(ctx(t), "example.test/team/app:v1"); err == nil {
+		t.Fatalf("containerd pulled an image whose layer Storj has wrong, with no registry: %s", out)
+	}
+	if held := keptBlobs(t, alone.DataDir); held[layer] != 0 {
+		t.Fatalf("the agent with Storj alone keeps the layer of the wrong size")
 	}
 }
