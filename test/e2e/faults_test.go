@@ -520,3 +520,76 @@ func TestStorjObjectOfWrongSize(t *testing.T) {
 		t.Fatalf("the agent with Storj alone keeps the layer of the wrong size")
 	}
 }
+
+// TestIPFSCorruptManifest: an IPFS root holds a registry's storage in which the image's manifest
+// blob has one byte changed (its size and its tag's link unchanged). Through an agent that also has
+// the registry, containerd gets the right image: the manifest from IPFS fails verification and the
+// registry answers it, the layer still comes from IPFS. With the registry down, a fresh agent answers
+// with an OCI error, and containerd's pull fails. Neither agent keeps anything that does not verify.
+func TestIPFSCorruptManifest(t *testing.T) {
+	testenv.RequireRoot(t)
+	reg := testenv.StartRegistry(t)
+	manifest := testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 2 << 20})
+	layer := firstLayer(t, reg.URL+"/v2/team/app/manifests/v1")
+	published := filepath.Join(t.TempDir(), "storage")
+	if out, err := exec.Command("cp", "-a", reg.Dir, published).CombinedOutput(); err != nil {
+		t.Fatalf("copy the registry's storage: %v %s", err, out)
+	}
+	p := filepath.Join(published, "docker", "registry", "v2", "blobs", "sha256", manifest.Encoded()[:2], manifest.Encoded(), "data")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("the manifest's blob in the registry's storage: %v", err)
+	}
+	b[len(b)/2] ^= 0x01
+	mustWrite(t, p, b, 0o644)
+	k := testenv.StartKubo(t)
+	root := "/ipfs/" + strings.TrimSpace(k.Run(t, "add", "-r", "-Q", "--cid-version=1", "--raw-leaves", published))
+
+	hosts := t.TempDir()
+	a := startAgent(t, "--config", ipfsAgentConfig(t, reg.URL, root, k.API, hosts))
+	c := testenv.StartContainerd(t, testenv.Containerd16, hosts)
+	if out, err := c.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
+		t.Fatalf("pull with a corrupt manifest in IPFS: %v\n%s", err, out)
+	}
+	if got := a.Metric("imagemesh_content_verification_failures_total"); got < 1 {
+		t.Fatalf("verification failures: %v, want the corrupt manifest caught", got)
+	}
+	if got := a.Metric("imagemesh_content_fetched_bytes_total", `source="ipfs"`); got < float64(layer.Size) {
+		t.Fatalf("%v bytes from IPFS, want the layer (%d)", got, layer.Size)
+	}
+	code, body, _ := a.Get(a.URL + "/v2/team/app/manifests/" + manifest.String() + "?ns=example.test")
+	if code != http.StatusOK || digest.FromBytes(body) != manifest {
+		t.Fatalf("the agent serves %d, %d bytes that are not the manifest", code, len(body))
+	}
+	if held := keptBlobs(t, a.DataDir); held[manifest] != int64(len(b)) || held[layer.Digest] != layer.Size {
+		t.Fatalf("the agent keeps %d bytes of the manifest (want %d) and %d of the layer (want %d)",
+			held[manifest], len(b), held[layer.Digest], layer.Size)
+	}
+	// The corrupt copy shows in the metric, but no log line names the root whose manifest failed:
+	// pkg/mirror logs nothing when a manifest fails verification and the next source answers.
+	// Logged here, and reported under issue 12, until the mirror says it; then this is an assertion.
+	if !strings.Contains(a.Logs(), "verification") {
+		t.Logf("the agent's log does not say that IPFS's manifest failed verification:\n%s", a.Logs())
+	}
+
+	// The registry goes down: a fresh agent has the corrupt manifest and nothing else.
+	reg.Stop(t)
+	hosts2 := t.TempDir()
+	down := startAgent(t, "--config", ipfsAgentConfig(t, reg.URL, root, k.API, hosts2))
+	code, body, err = down.Get(down.URL + "/v2/team/app/manifests/v1?ns=example.test")
+	var oci struct {
+		Errors []struct{ Code, Message string } `json:"errors"`
+	}
+	t.Logf("the manifest with the registry down and IPFS's copy corrupt: %d %s", code, body)
+	if err != nil || code != http.StatusBadGateway || json.Unmarshal(body, &oci) != nil || len(oci.Errors) != 1 ||
+		oci.Errors[0].Code != "DIGEST_INVALID" || !strings.Contains(oci.Errors[0].Message, "manifest from ipfs") {
+		t.Fatalf("the manifest with the registry down and IPFS's copy corrupt: %d %v %s; want 502 DIGEST_INVALID naming IPFS", code, err, body)
+	}
+	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts2)
+	if out, err := c2.CtrPull(ctx(t), "example.test/team/app:v1"); err == nil {
+		t.Fatalf("containerd pulled an image whose only manifest is corrupt: %s", out)
+	}
+	if held := keptBlobs(t, down.DataDir); held[manifest] != 0 {
+		t.Fatalf("the agent with the registry down keeps a manifest")
+	}
+}
