@@ -29,9 +29,10 @@ func (s *Store) freeBytes() (int64, error) {
 // makeRoom evicts least recently used blobs until the disk has n bytes free, and fails with
 // ErrNoSpace when it cannot: before any client is told the blob's size, so that the client gets a
 // clear error rather than a cut transfer. evict says whether it may evict for this size (a size
-// nobody trusted may not empty the cache).
+// nobody trusted may not empty the cache). A blob that would not fit even in an emptied cache
+// evicts nothing: one request for a blob bigger than the disk must not cost the node its cache.
 func (s *Store) makeRoom(n int64, evict bool) error {
-	for {
+	for first := true; ; first = false {
 		free, err := s.freeBytes()
 		if err != nil {
 			return err
@@ -42,7 +43,9 @@ func (s *Store) makeRoom(n int64, evict bool) error {
 		var removed []digest.Digest
 		if evict {
 			s.mu.Lock()
-			removed = s.evictOneLocked()
+			if !first || free+s.evictableLocked() >= n {
+				removed = s.evictOneLocked()
+			}
 			s.mu.Unlock()
 		}
 		if len(removed) == 0 {
@@ -50,4 +53,15 @@ func (s *Store) makeRoom(n int64, evict bool) error {
 		}
 		s.events.publish(EventRemoved, removed...)
 	}
+}
+
+// evictableLocked is what evicting every blob that may be evicted would free.
+func (s *Store) evictableLocked() int64 {
+	var n int64
+	for el := s.lru.Back(); el != nil; el = el.Prev() {
+		if e := el.Value.(*entry); e.pins == 0 {
+			n += e.Size
+		}
+	}
+	return n
 }

@@ -72,6 +72,13 @@ func TestFullDisk(t *testing.T) {
 	if got, err := s.ReadAll(heldDigest, 1<<20); err != nil || !bytes.Equal(got, held) {
 		t.Errorf("the blob held before is not served: %v", err)
 	}
+	// The same with a trusted size: evicting everything would not make room, so nothing is evicted.
+	if _, err := s.Fetch(context.Background(), bigDigest, serve(big, nil, true)); !IsNoSpace(err) {
+		t.Fatalf("Fetch of a blob larger than the disk, trusted size: %v, want a full-disk error", err)
+	}
+	if _, err := s.Stat(heldDigest); err != nil {
+		t.Errorf("a blob was evicted for one that could never fit: %v", err)
+	}
 
 	// Mid-fetch: the disk fills up (something else writes to it) while the blob arrives.
 	blob, blobDigest := randomBlob(t, 300<<10)
