@@ -298,3 +298,67 @@ func TestBadPeerEventsExportedFromTheStart(t *testing.T) {
 		t.Fatalf("bad-peer events after one digest mismatch: %v", got)
 	}
 }
+
+// A read from a peer that has stopped sending returns as soon as the reader's context ends: the
+// content store cuts a stalled or trickling source off by cancelling it, and must not then wait for
+// the connection to die (yamux's keepalive takes 40 s) before it resumes elsewhere.
+func TestPeerStreamFollowsItsContext(t *testing.T) {
+	psk := testKey(t)
+	n1 := testNode(t, psk)
+	n2 := testNode(t, psk, n1.Addrs()[0])
+	waitRouting(t, n1, n2)
+	data := make([]byte, 2*verifyLimit)
+	rand.Read(data)
+	d := digest.FromBytes(data)
+	// Node 1 is fetching the blob itself, and its source stops half way.
+	gate := make(chan struct{})
+	t.Cleanup(func() { close(gate) })
+	rd, err := n1.opts.Store.Fetch(context.Background(), d, func(ctx context.Context, off int64) (*content.Fetched, error) {
+		body := io.MultiReader(bytes.NewReader(data[off:verifyLimit+1]), gateReader(gate), bytes.NewReader(data[verifyLimit+1:]))
+		return &content.Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "test", SizeTrusted: true}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	c, _ := DigestCID(d)
+	if err := n1.dht.Provide(context.Background(), c, true); err != nil {
+		t.Fatalf("provide: %v", err)
+	}
+
+	repo, _ := reference.ParseNamed("example.test/team/app")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	got, err := n2.Source().Open(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer got.Close()
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, got)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("the read ended before the peer stopped sending: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the read of a blob cut off half way ended without an error")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read from a peer that stopped sending went on after its context ended")
+	}
+}
+
+// gateReader reads nothing until gate is closed, then ends.
+type gateReader chan struct{}
+
+func (g gateReader) Read([]byte) (int, error) {
+	<-g
+	return 0, io.EOF
+}

@@ -491,13 +491,16 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 		_ = st.Reset()
 		return nil, err
 	}
-	// Stalls from here on are the content store's to detect: it cuts off a source that goes quiet.
+	// Stalls from here on are the content store's to detect: it cuts off a source that goes quiet
+	// by cancelling ctx, which resets the stream, so that a read blocked on the peer returns at once
+	// rather than when the connection dies.
 	if err := st.SetDeadline(time.Time{}); err != nil {
 		_ = st.Reset()
 		return nil, err
 	}
+	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
 	return &source.Content{
-		ReadCloser: &peerStream{Reader: br, s: st},
+		ReadCloser: &peerStream{Reader: br, s: st, stop: stop},
 		Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: ans.Size},
 		Source:     "peer",
 	}, nil
@@ -510,8 +513,9 @@ const smallReadTime = 20 * time.Second
 // peerStream is a blob arriving from a peer.
 type peerStream struct {
 	io.Reader
-	s   network.Stream
-	eof bool
+	s    network.Stream
+	stop func() bool // stops following the context
+	eof  bool
 }
 
 func (p *peerStream) Read(b []byte) (int, error) {
@@ -524,6 +528,7 @@ func (p *peerStream) Read(b []byte) (int, error) {
 
 // Close closes a stream read to its end, and resets one abandoned half way.
 func (p *peerStream) Close() error {
+	p.stop()
 	if p.eof {
 		return p.s.Close()
 	}
