@@ -377,14 +377,20 @@ func (n *Node) provideLoop() {
 
 func (n *Node) reprovideLoop() {
 	defer n.wg.Done()
+	// A node that restarts holds blobs nobody knows of: its provider records lived in the other
+	// nodes' memory and have expired or will. It announces them as soon as it has someone to tell,
+	// not one whole interval later.
+	for first := time.NewTicker(time.Second); n.dht.RoutingTable().Size() == 0; {
+		select {
+		case <-n.ctx.Done():
+			first.Stop()
+			return
+		case <-first.C:
+		}
+	}
 	tick := time.NewTicker(n.opts.ReprovideInterval)
 	defer tick.Stop()
 	for {
-		select {
-		case <-n.ctx.Done():
-			return
-		case <-tick.C:
-		}
 		// Blobs evicted since the last round are not in the walk: their records expire.
 		err := n.opts.Store.Walk(func(info content.Info) error {
 			select {
@@ -396,6 +402,11 @@ func (n *Node) reprovideLoop() {
 		})
 		if err != nil && n.ctx.Err() == nil {
 			n.log.Warn("reprovide: walk the content store", "err", err)
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-tick.C:
 		}
 	}
 }
