@@ -190,6 +190,7 @@ func (m *Mirror) manifest(ctx context.Context, repo reference.Named, d digest.Di
 			if !errors.Is(err, content.ErrDigestMismatch) {
 				break
 			}
+			m.log.Warn("manifest failed verification; asking the next source", "digest", d, "repo", repo.Name(), "err", err)
 		}
 		return nil, errors.Join(errs...)
 	})
