@@ -375,6 +375,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, fetchTh
 		ReprovideInterval: time.Duration(p.ReprovideInterval),
 		ProvideRate:       p.ProvideRate,
 		TagTTL:            time.Duration(p.TagTTL),
+		UploadSlots:       p.UploadSlots,
 		Registerer:        reg,
 		Logger:            log,
 		FetchThrough:      fetchThrough,

@@ -125,6 +125,9 @@ type PeeringConfig struct {
 	ProvideRate int `json:"provideRate,omitempty"`
 	// TagTTL is how old a tag's answer may be for peers to use it (peering.DefaultTagTTL if zero).
 	TagTTL Duration `json:"tagTTL,omitempty"`
+	// UploadSlots bounds how many peers the node sends one blob to at once
+	// (peering.DefaultUploadSlots if zero).
+	UploadSlots int `json:"uploadSlots,omitempty"`
 }
 
 // KubernetesDiscovery names the agents' Service. The agent lists its EndpointSlices (RBAC: list
@@ -555,8 +558,8 @@ func (p PeeringConfig) validate() []error {
 	if k := p.Kubernetes; k != nil && k.Service.IsZero() {
 		errs = append(errs, errors.New("peering.kubernetes.service: want NAMESPACE/NAME"))
 	}
-	if p.ReprovideInterval < 0 || p.ProvideRate < 0 || p.TagTTL < 0 {
-		errs = append(errs, errors.New("peering: reprovideInterval, provideRate and tagTTL must not be negative"))
+	if p.ReprovideInterval < 0 || p.ProvideRate < 0 || p.TagTTL < 0 || p.UploadSlots < 0 {
+		errs = append(errs, errors.New("peering: reprovideInterval, provideRate, tagTTL and uploadSlots must not be negative"))
 	}
 	return errs
 }

@@ -152,6 +152,10 @@ var _ rcmgr.MetricsReporter = refusalReporter{}
 // errBusy is the answer to a request past a limit: the asking node goes to its next source.
 const errBusy = "busy"
 
+// errPeerBusy is a peer's answer that it is busy: its upload slots of the blob are taken, or a limit
+// was reached. It is no verdict on the peer: it may have room a moment later.
+var errPeerBusy = errors.New("peer busy")
+
 // fetchThroughLimit bounds the fetches a node makes from its own sources for its peers: per peer and
 // in all. The work is a digest being fetched: peers that ask for a digest already being fetched
 // through share its slot, so that a cluster's cold pull (every node asks the leader for the same
@@ -211,4 +215,63 @@ func (l *fetchThroughLimit) release(p peer.ID, d digest.Digest) {
 	if l.peers[p]--; l.peers[p] <= 0 {
 		delete(l.peers, p)
 	}
+}
+
+// DefaultUploadSlots is how many peers a node sends one blob to at once. A node's link is shared by
+// the peers it serves: with one slot, nodes that start the same cold pull at once line up in a chain
+// in which every node streams from the one before it at the whole rate of its link, and the chain's
+// depth costs only the latency of each hop; with k slots, each of k peers gets a k-th of it.
+const DefaultUploadSlots = 1
+
+// uploadSlots bounds the peers a node sends one blob to at once, so that a cold pull spreads as a
+// tree over every node's link rather than as a star over one node's. A peer refused a slot is told
+// the node is busy and looks for another provider: every node that receives a blob provides it from
+// its first bytes on.
+type uploadSlots struct {
+	slots int
+	mu    sync.Mutex
+	used  map[digest.Digest]int
+	total int // streams being sent, all blobs together
+	peak  int // the most streams one blob had at once, since the node started
+}
+
+func newUploadSlots(slots int) *uploadSlots {
+	return &uploadSlots{slots: slots, used: map[digest.Digest]int{}}
+}
+
+// acquire takes a slot of d and returns its release, or false when every slot of d is in use.
+func (u *uploadSlots) acquire(d digest.Digest) (func(), bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.used[d] >= u.slots {
+		return nil, false
+	}
+	u.used[d]++
+	u.total++
+	u.peak = max(u.peak, u.used[d])
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			u.mu.Lock()
+			defer u.mu.Unlock()
+			if u.used[d]--; u.used[d] <= 0 {
+				delete(u.used, d)
+			}
+			u.total--
+		})
+	}, true
+}
+
+// inUse is the number of blob streams being sent to peers now.
+func (u *uploadSlots) inUse() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.total
+}
+
+// maxPerBlob is the most peers one blob was sent to at once since the node started.
+func (u *uploadSlots) maxPerBlob() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.peak
 }

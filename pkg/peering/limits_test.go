@@ -30,7 +30,8 @@ import (
 // refused, while another node is still served.
 func TestStreamFloodIsRefusedWhileOthersAreServed(t *testing.T) {
 	psk := testKey(t)
-	a := testNode(t, psk)
+	// Upload slots would refuse the flood first: the resource manager's limits are what is tested.
+	a := testNodeWith(t, psk, func(o *Options) { o.UploadSlots = 1000 })
 	good := testNode(t, psk, a.Addrs()[0])
 	blob := make([]byte, 8<<20) // far over a stream's window: a stream that is not read stays open
 	rand.Read(blob)
@@ -117,6 +118,7 @@ func TestFetchThroughIsCapped(t *testing.T) {
 	var leader *Node
 	leader = testNodeWith(t, psk, func(o *Options) {
 		o.MaxFetchThroughPerPeer, o.MaxFetchThrough = perPeer, total
+		o.UploadSlots = 100 // the fetch-through caps, not the slots, are what is tested
 		o.FetchThrough = func(ctx context.Context, obj source.Object) (*content.Reader, error) {
 			started.Add(1)
 			select {
@@ -145,8 +147,8 @@ func TestFetchThroughIsCapped(t *testing.T) {
 			data := make([]byte, 64<<10)
 			rand.Read(data)
 			d := digest.FromBytes(data)
-			lb, okb := b.leader(d)
-			lc, okc := c.leader(d)
+			lb, okb := b.leader(context.Background(), d)
+			lc, okc := c.leader(context.Background(), d)
 			if okb && okc && lb == leader.ID() && lc == leader.ID() {
 				mu.Lock()
 				blobs[d] = data
@@ -167,6 +169,7 @@ func TestFetchThroughIsCapped(t *testing.T) {
 		go func() {
 			src := n.Source()
 			src.FindTimeout = 500 * time.Millisecond
+			src.BusyWait = 0 // a busy answer ends the search at once
 			got, err := src.Open(context.Background(), source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}, 0)
 			if err != nil {
 				results <- result{d: d, err: err}

@@ -27,6 +27,8 @@ type metrics struct {
 	// the resource manager's refusals.
 	throughRefused *prometheus.CounterVec
 	limitRefused   *prometheus.CounterVec
+	// slotRefused counts blob requests refused because every upload slot of the blob was in use.
+	slotRefused prometheus.Counter
 }
 
 // The values of the limit label of imagemesh_peering_fetch_through_refused_total.
@@ -61,6 +63,9 @@ func newMetrics() *metrics {
 		throughRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_fetch_through_refused_total", Help: "Fetches through that peers asked for and this node refused, by the limit reached (per peer, or the node's); the peer goes to its next source.",
 		}, []string{"limit"}),
+		slotRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_upload_slots_refused_total", Help: "Blob requests of peers refused because every upload slot of the blob was in use; the peer goes to another provider.",
+		}),
 		limitRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_limit_refusals_total", Help: "Connections, streams and memory that the libp2p resource manager refused, by the scope or resource whose limit was reached.",
 		}, []string{"limit"}),
@@ -79,13 +84,16 @@ func newMetrics() *metrics {
 	return m
 }
 
-func (m *metrics) register(reg prometheus.Registerer, h host.Host) {
+func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uploadSlots) {
 	if reg != nil {
 		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imagemesh_peering_peers", Help: "Peers connected.",
 		}, func() float64 { return float64(len(h.Network().Peers())) })
+		sending := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imagemesh_peering_uploads", Help: "Blob streams being sent to peers now.",
+		}, func() float64 { return float64(uploads.inUse()) })
 		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer,
-			m.throughRefused, m.limitRefused, peers)
+			m.throughRefused, m.limitRefused, m.slotRefused, peers, sending)
 	}
 }
 

@@ -85,6 +85,9 @@ type Options struct {
 	// MaxFetchThrough those of all peers together; past either, the peer is told to look elsewhere.
 	// Defaults 8 and 64.
 	MaxFetchThroughPerPeer, MaxFetchThrough int
+	// UploadSlots bounds how many peers this node sends one blob to at once; past it, a peer is
+	// told the node is busy and looks for another provider. Default DefaultUploadSlots.
+	UploadSlots int
 	// CachedTag, if set, answers peers' tag lookups from what this node resolved itself.
 	CachedTag CachedTagFunc
 	// TagTTL is how old a tag's answer may be for peers to use it: a node answers only what it
@@ -110,6 +113,7 @@ type Node struct {
 
 	bad     *badPeers
 	through *fetchThroughLimit
+	uploads *uploadSlots
 	urgent  chan digest.Digest // new content, announced first
 	queue   chan digest.Digest // reprovide rounds
 	ctx     context.Context
@@ -150,6 +154,9 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	}
 	if opts.TagTTL == 0 {
 		opts.TagTTL = DefaultTagTTL
+	}
+	if opts.UploadSlots <= 0 {
+		opts.UploadSlots = DefaultUploadSlots
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -218,10 +225,11 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		metrics: m,
 		bad:     newBadPeers(10 * time.Minute),
 		through: newFetchThroughLimit(opts.MaxFetchThroughPerPeer, opts.MaxFetchThrough),
+		uploads: newUploadSlots(opts.UploadSlots),
 		urgent:  make(chan digest.Digest, 4096),
 		queue:   make(chan digest.Digest, 1024),
 	}
-	m.register(opts.Registerer, h)
+	m.register(opts.Registerer, h, n.uploads)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(blobProtocol, n.serve(n.serveBlob))
 	h.SetStreamHandler(tagProtocol, n.serve(n.serveTag))
@@ -445,20 +453,40 @@ func muxer() *yamux.Transport {
 	return (*yamux.Transport)(&cfg)
 }
 
-// leader is the node that fetches d through for the others when nobody has it yet: of this node and
-// the peers in its routing table, the one closest to d's key. In a cluster where every node knows every
-// other, all agree; where views differ, a few nodes fetch from upstream instead of one.
-func (n *Node) leader(d digest.Digest) (peer.ID, bool) {
+// leaderLookup bounds the DHT lookup that names a digest's leader.
+const leaderLookup = 5 * time.Second
+
+// leader is the node that fetches d through for the others when nobody has it yet: of every node of
+// the cluster, the one closest to d's key, found by a DHT lookup (the same one that places d's
+// provider records), so that all nodes agree however large the cluster and however much their
+// routing tables differ. It is false when this node leads. If the lookup fails, the node's own
+// routing table decides, as before: nodes whose views differ then ask different leaders, and the
+// registry serves the blob a few times rather than once.
+func (n *Node) leader(ctx context.Context, d digest.Digest) (peer.ID, bool) {
 	c, err := DigestCID(d)
 	if err != nil {
 		return "", false
 	}
 	key := string(c.Hash())
-	nearest := n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)
-	if len(nearest) == 0 || kb.Closer(n.host.ID(), nearest[0], key) {
+	lctx, cancel := context.WithTimeout(ctx, leaderLookup)
+	defer cancel()
+	nearest, err := n.dht.GetClosestPeers(lctx, key)
+	if err != nil || len(nearest) == 0 {
+		nearest = n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)
+	}
+	if len(nearest) == 0 {
 		return "", false
 	}
-	return nearest[0], true
+	best := nearest[0]
+	for _, p := range nearest[1:] {
+		if kb.Closer(p, best, key) {
+			best = p
+		}
+	}
+	if kb.Closer(n.host.ID(), best, key) {
+		return "", false
+	}
+	return best, true
 }
 
 // reject records that p sent bad bytes for d: p is skipped for d for a while.

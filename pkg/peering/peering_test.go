@@ -152,7 +152,7 @@ func TestNodesAgreeOnTheLeader(t *testing.T) {
 		d := digest.FromString(strings.Repeat("x", i))
 		var agreed peer.ID
 		for j, n := range nodes {
-			l, ok := n.leader(d)
+			l, ok := n.leader(context.Background(), d)
 			if !ok {
 				l = n.ID()
 			}

@@ -8,11 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/distribution/reference"
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/opencontainers/go-digest"
@@ -113,6 +117,14 @@ func (n *Node) serveBlob(s network.Stream) error {
 		return err
 	}
 	if !req.Stat {
+		// One of the blob's upload slots first: a node whose link already carries the blob to as
+		// many peers as it should sends the asker elsewhere at once, before any work.
+		release, ok := n.uploads.acquire(req.Digest)
+		if !ok {
+			n.metrics.slotRefused.Inc()
+			return refuse(s, blobAnswer{Error: fmt.Sprintf("%s: all %d upload slots of this blob in use", errBusy, n.opts.UploadSlots)})
+		}
+		defer release()
 		// The send buffer counts against the blob protocol's memory, the peer's share of it included:
 		// past it, the peer is told to go elsewhere rather than the node growing without bound.
 		if err := s.Scope().ReserveMemory(sendBufferSize, network.ReservationPriorityAlways); err != nil {
@@ -228,8 +240,12 @@ type Source struct {
 	node *Node
 	// FindTimeout bounds the search for providers of one digest. Default 3s.
 	FindTimeout time.Duration
-	// MaxProviders bounds how many providers are tried for one digest. Default 8.
+	// MaxProviders bounds how many providers are tried for one digest in a round. Default 20.
 	MaxProviders int
+	// BusyWait bounds how long providers that are busy (their upload slots for the blob taken) are
+	// asked again before the node goes to its next source. Default 15s: with the search, well inside
+	// the 30 s that containerd gives a mirror to answer.
+	BusyWait time.Duration
 	// TagsAllowed, if set, says for which registry hosts peers may answer tag lookups; otherwise the
 	// chain's link decides alone.
 	TagsAllowed func(host string) bool
@@ -237,7 +253,7 @@ type Source struct {
 
 // Source returns the node's peers as a source.
 func (n *Node) Source() *Source {
-	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 8}
+	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 20, BusyWait: 15 * time.Second}
 }
 
 // Name labels the source in metrics and logs.
@@ -335,40 +351,64 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 	if err != nil {
 		return nil, fmt.Errorf("peers: %w", err)
 	}
-	fctx, cancel := context.WithTimeout(ctx, s.FindTimeout)
-	defer cancel()
 	start := time.Now()
-	var errs []error
-	found, tried := false, map[string]bool{}
-	for info := range n.dht.FindProvidersAsync(fctx, key, s.MaxProviders) {
-		if info.ID == n.host.ID() || n.bad.has(info.ID, obj.Digest) || tried[string(info.ID)] {
-			continue
-		}
-		tried[string(info.ID)] = true
-		if !found {
+	var (
+		errs   []error
+		found  bool
+		leader peer.ID
+		led    bool // leader is known (led is false when this node leads, or nobody does)
+	)
+	if !stat && obj.Kind == source.KindBlob {
+		leader, led = n.leader(ctx, obj.Digest)
+	}
+	// Rounds: every provider that answers busy (its upload slots for the blob are taken) may have
+	// a slot free, or new providers may have announced, a moment later. Nodes that start the same
+	// cold pull at once so line up behind each other rather than all on the first provider, or on
+	// the registry.
+	for round := 0; ; round++ {
+		errs = errs[:0]
+		busy := 0
+		tried := map[peer.ID]bool{}
+		providers := s.providers(ctx, key, obj.Digest)
+		if len(providers) > 0 && !found {
 			found = true
 			n.metrics.observe(n.metrics.find, start, nil)
 		}
-		if len(info.Addrs) > 0 {
-			n.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Minute)
+		for _, info := range providers {
+			tried[info.ID] = true
+			if len(info.Addrs) > 0 {
+				n.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Minute)
+			}
+			c, err := s.fetch(ctx, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
+			if err == nil {
+				return c, nil
+			}
+			if errors.Is(err, errPeerBusy) {
+				busy++
+			}
+			errs = append(errs, err)
 		}
-		c, err := s.fetch(ctx, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
-		if err == nil {
-			return c, nil
-		}
-		errs = append(errs, err)
-	}
-	if !found {
-		n.metrics.observe(n.metrics.find, start, errors.New("none"))
-	}
-	if !stat && obj.Kind == source.KindBlob {
-		if leader, ok := n.leader(obj.Digest); ok && !tried[string(leader)] && !n.bad.has(leader, obj.Digest) {
+		if led && !tried[leader] && !n.bad.has(leader, obj.Digest) {
 			c, err := s.fetch(ctx, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
 			if err == nil {
 				return c, nil
 			}
+			if errors.Is(err, errPeerBusy) {
+				busy++
+			}
 			errs = append(errs, err)
 		}
+		if busy == 0 || ctx.Err() != nil || time.Since(start) > s.BusyWait {
+			break
+		}
+		wait := time.Duration(50+rand.IntN(200)) * time.Millisecond
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	if !found {
+		n.metrics.observe(n.metrics.find, start, errors.New("none"))
 	}
 	if err := ctx.Err(); err != nil {
 		// Not a verdict on the object: the caller gave up.
@@ -381,6 +421,39 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 	n.log.Debug("peers failed", "digest", obj.Digest, "kind", obj.Kind, "err", errors.Join(errs...))
 	// Peers that failed are not a verdict on the object: the next source decides.
 	return nil, fmt.Errorf("%w: %w", source.ErrNotFound, errors.Join(errs...))
+}
+
+// gatherProviders is how long the search for providers goes on after the first one answered: long
+// enough for the others a lookup finds, so that the node picks among them, not the first one found.
+const gatherProviders = 100 * time.Millisecond
+
+// providers returns the providers of key that may be asked for d, in random order: nodes that ask
+// at the same moment then spread over the providers rather than queue on the first one found.
+func (s *Source) providers(ctx context.Context, key cid.Cid, d digest.Digest) []peer.AddrInfo {
+	n := s.node
+	fctx, cancel := context.WithTimeout(ctx, s.FindTimeout)
+	defer cancel()
+	var out []peer.AddrInfo
+	var gather <-chan time.Time
+	found := n.dht.FindProvidersAsync(fctx, key, s.MaxProviders)
+	for {
+		select {
+		case info, ok := <-found:
+			if !ok {
+				rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+				return out
+			}
+			if info.ID == n.host.ID() || n.bad.has(info.ID, d) || slices.ContainsFunc(out, func(a peer.AddrInfo) bool { return a.ID == info.ID }) {
+				continue
+			}
+			out = append(out, info)
+			if gather == nil {
+				gather = time.After(gatherProviders)
+			}
+		case <-gather:
+			cancel() // the channel closes
+		}
+	}
 }
 
 // fetch opens one object on one peer. Small objects are read whole and verified here, so that a bad
@@ -483,6 +556,9 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 	}
 	if err == nil && ans.Error != "" {
 		err = errors.New(ans.Error)
+		if strings.HasPrefix(ans.Error, errBusy) {
+			err = fmt.Errorf("%w: %s", errPeerBusy, ans.Error)
+		}
 	}
 	if err == nil && ans.Size < 0 {
 		err = fmt.Errorf("bad size %d", ans.Size)

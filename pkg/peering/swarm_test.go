@@ -1,0 +1,143 @@
+package peering
+
+import (
+	"context"
+	"crypto/rand"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/source"
+	"github.com/imagemesh/imagemesh/pkg/source/memsource"
+)
+
+// slowRegistry is a trusted source that counts its blob opens and sends at a fixed rate, so that a
+// cold blob takes long enough for every node to ask for it while it is arriving.
+type slowRegistry struct {
+	*memsource.Source
+	rate  int // bytes per second
+	opens atomic.Int32
+}
+
+func (r *slowRegistry) Open(ctx context.Context, obj source.Object, offset int64) (*source.Content, error) {
+	c, err := r.Source.Open(ctx, obj, offset)
+	if err != nil {
+		return nil, err
+	}
+	r.opens.Add(1)
+	c.ReadCloser = &paced{ReadCloser: c.ReadCloser, rate: r.rate}
+	return c, nil
+}
+
+type paced struct {
+	io.ReadCloser
+	rate int
+}
+
+func (p *paced) Read(b []byte) (int, error) {
+	const chunk = 64 << 10
+	if len(b) > chunk {
+		b = b[:chunk]
+	}
+	n, err := p.ReadCloser.Read(b)
+	time.Sleep(time.Duration(n) * time.Second / time.Duration(p.rate))
+	return n, err
+}
+
+// fetchFunc opens obj on src for a store, as the mirror does.
+func fetchFunc(src source.Source, obj source.Object) content.FetchFunc {
+	return func(ctx context.Context, offset int64) (*content.Fetched, error) {
+		c, err := src.Open(ctx, obj, offset)
+		if err != nil {
+			return nil, err
+		}
+		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted,
+			Reject: c.Reject, SizeTrusted: !c.Untrusted}, nil
+	}
+}
+
+// Nodes that start the same cold pull at the same moment get the blob from the registry once: one
+// node, the leader all of them agree on, fetches it, and the others line up behind each other, each
+// streaming from a node that is itself still receiving it, no node sending it to more peers at once
+// than its upload slots.
+func TestColdPullSpreadsWithinUploadSlots(t *testing.T) {
+	const nodes, size = 6, 4 << 20
+	psk := testKey(t)
+	repo, _ := reference.ParseNamed("example.test/team/app")
+	data := make([]byte, size)
+	rand.Read(data)
+	reg := &slowRegistry{Source: memsource.New("upstream"), rate: 4 << 20}
+	desc := reg.AddBlob(repo, data)
+	obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: desc.Digest, Size: size}
+
+	var all []*Node
+	for range nodes {
+		var n *Node
+		n = testNodeWith(t, psk, func(o *Options) {
+			o.FetchThrough = func(ctx context.Context, obj source.Object) (*content.Reader, error) {
+				return n.opts.Store.Fetch(ctx, obj.Digest, fetchFunc(reg, obj))
+			}
+		}, firstAddrs(all)...)
+		all = append(all, n)
+	}
+	waitRouting(t, all...)
+
+	var wg sync.WaitGroup
+	start := time.Now()
+	errs := make([]error, nodes)
+	got := make([]digest.Digest, nodes)
+	for i, n := range all {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			chain := source.NewChain(source.Link{Source: n.Source()}, source.Link{Source: reg})
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			rd, err := n.opts.Store.Fetch(ctx, obj.Digest, fetchFunc(chain, obj))
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer rd.Close()
+			h := digest.Canonical.Digester()
+			if _, err := rd.WriteTo(h.Hash()); err != nil {
+				errs[i] = err
+				return
+			}
+			got[i] = h.Digest()
+			t.Logf("node %d done after %s", i, time.Since(start).Round(time.Millisecond))
+		}()
+	}
+	wg.Wait()
+	for i := range all {
+		if errs[i] != nil || got[i] != obj.Digest {
+			t.Errorf("node %d: %v, got %s", i, errs[i], got[i])
+		}
+	}
+	if n := reg.opens.Load(); n != 1 {
+		t.Errorf("the registry was asked for the blob %d times, want once", n)
+	}
+	for i, n := range all {
+		t.Logf("node %d: sent %.0f bytes to peers, at most %d at once; refused %.0f asks for want of a slot",
+			i, testutil.ToFloat64(n.metrics.servedBytes), n.uploads.maxPerBlob(), testutil.ToFloat64(n.metrics.slotRefused))
+		if peak := n.uploads.maxPerBlob(); peak > n.opts.UploadSlots {
+			t.Errorf("node %d sent the blob to %d peers at once, over its %d upload slots", i, peak, n.opts.UploadSlots)
+		}
+	}
+}
+
+// firstAddrs is the first address of each node, to bootstrap a new one from.
+func firstAddrs(nodes []*Node) []string {
+	var out []string
+	for _, n := range nodes {
+		out = append(out, n.Addrs()[0])
+	}
+	return out
+}
