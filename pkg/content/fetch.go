@@ -645,6 +645,20 @@ type Reader struct {
 // Size is the size of the whole blob.
 func (r *Reader) Size() int64 { return r.size }
 
+// Received is how many bytes of the blob the store has: all of them for a blob it held, those
+// written so far for one still arriving.
+func (r *Reader) Received() int64 {
+	if r.ing == nil {
+		return r.size
+	}
+	r.ing.mu.Lock()
+	defer r.ing.mu.Unlock()
+	if r.ing.verified || r.ing.committed {
+		return r.size
+	}
+	return r.ing.written
+}
+
 // Source is "local" for a blob the store held, or the source a fetch under way reads from.
 func (r *Reader) Source() string { return r.source }
 

@@ -362,3 +362,47 @@ func (g gateReader) Read([]byte) (int, error) {
 	<-g
 	return 0, io.EOF
 }
+
+// A node asked for a blob from a byte it has not received yet says so at once, rather than hold the
+// asker until its own source gets there: that source may be the asker itself.
+func TestResumePastWhatAProviderHasIsRefused(t *testing.T) {
+	psk := testKey(t)
+	n1 := testNode(t, psk)
+	n2 := testNode(t, psk, n1.Addrs()[0])
+	waitRouting(t, n1, n2)
+	data := make([]byte, 4<<20)
+	rand.Read(data)
+	d := digest.FromBytes(data)
+	gate := make(chan struct{})
+	t.Cleanup(func() { close(gate) })
+	const half = 2 << 20
+	rd, err := n1.opts.Store.Fetch(context.Background(), d, func(ctx context.Context, off int64) (*content.Fetched, error) {
+		body := io.MultiReader(bytes.NewReader(data[off:half]), gateReader(gate), bytes.NewReader(data[half:]))
+		return &content.Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "test", SizeTrusted: true}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	for deadline := time.Now().Add(5 * time.Second); rd.Received() < half; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("node 1 received %d bytes, want %d", rd.Received(), half)
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := n2.request(ctx, n1.ID(), blobRequest{Digest: d, Offset: half + 1}); err == nil || !strings.Contains(err.Error(), errBehind) {
+		t.Fatalf("a resume past what the provider has: %v, want %q", err, errBehind)
+	}
+	// From a byte it has, it serves at once.
+	c, err := n2.request(ctx, n1.ID(), blobRequest{Digest: d, Offset: half - 10})
+	if err != nil {
+		t.Fatalf("a resume within what the provider has: %v", err)
+	}
+	buf := make([]byte, 10)
+	if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, data[half-10:half]) {
+		t.Fatalf("read: %v", err)
+	}
+	c.Close()
+}

@@ -141,6 +141,12 @@ func (n *Node) serveBlob(s network.Stream) error {
 	if req.Offset > rd.Size() {
 		return refuse(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
 	}
+	// A resume from a byte this node has not received yet would wait on this node's own source,
+	// which may be the asker itself (a node whose provider died asking a node that streams from it):
+	// both would stall until the store gives up on them. The asker goes elsewhere at once instead.
+	if got := rd.Received(); req.Offset > got {
+		return refuse(s, blobAnswer{Error: fmt.Sprintf("%s: offset %d, this node has %d bytes of it so far", errBehind, req.Offset, got)})
+	}
 	if err := writeLine(s, blobAnswer{Size: rd.Size()}); err != nil || req.Stat {
 		return err
 	}
@@ -201,6 +207,9 @@ func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, relea
 }
 
 const errNotHere = "not found"
+
+// errBehind answers a request from a byte the node has not received yet.
+const errBehind = "behind"
 
 // sendBuffers are what blobs go out through: large writes cross the stream muxer, the secure channel
 // and the private network's cipher in few, large frames.
