@@ -771,7 +771,7 @@ func (r *Reader) cut() error {
 	ing := r.ing
 	ing.mu.Lock()
 	defer ing.mu.Unlock()
-	for r.tainted != 0 && r.tainted == ing.round && ing.err == nil {
+	for r.tainted != 0 && r.tainted == ing.round && ing.err == nil && !ing.verified && !ing.committed {
 		ing.cond.Wait() // the file is cut before the round moves on
 	}
 	switch {
