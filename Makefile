@@ -9,7 +9,7 @@ LDFLAGS   := -X github.com/imagemesh/imagemesh/internal/agent.Version=$(VERSION)
 TOOLS_DIR  = $(HOME)/.cache/imagemesh/tools/bin
 TESTFLAGS ?=
 
-.PHONY: all build run images test test-unit test-deps check bench bench-peering bench-cluster generate clean
+.PHONY: all build run images test test-unit test-deps check bench bench-peering bench-swarm bench-cluster generate clean
 
 all: build
 
@@ -79,6 +79,11 @@ bench: test-deps
 # 8 nodes in network namespaces pull one 256 MiB image at once; peering off, then on. Needs root.
 bench-peering: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/peering-netns.sh bench
+
+# 16 nodes in network namespaces, every link at 100 Mbit/s, containerd 2.x on each, pull one 128 MiB
+# layer at once: alone, peering off, a star, the tree ten times, a slow round. Needs root; ~20 min.
+bench-swarm: test-deps
+	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/peering-netns.sh swarm
 
 # Pods on every node of a real cluster (hack/cluster.sh), with the chart and without it. Needs root.
 bench-cluster: test-deps

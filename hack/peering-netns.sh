@@ -10,8 +10,15 @@
 #   hack/peering-netns.sh bench   8 nodes start pulling one 256 MiB image at once, upstream link shaped
 #                                 to 200 Mbit/s, peering off then on; then a warm 256 MiB blob between
 #                                 two namespaces over libp2p against plain HTTP.
+#   hack/peering-netns.sh swarm   16 nodes, each running containerd 2.x, start pulling one 128 MiB image
+#                                 at once, the upstream's link AND every node's shaped to 100 Mbit/s:
+#                                 one node alone, peering off, a star (every node may send a blob to
+#                                 64 peers at once), the tree (peering.uploadSlots, default 1) RUNS
+#                                 times; then one slow round (16 Mbit/s links) in which every transfer
+#                                 from peers takes over 60 s. Needs containerd2 and ctr2 in the tools.
 #
-# Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), IMAGEMESH_TOOLS
+# Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), NODE_RATE (every
+# node's egress, swarm), RUNS (swarm: tree rounds), STAR_RUNS, SLOW_RATE, IMAGEMESH_TOOLS
 # (directory with registry and crane; default: built by hack/test-deps.sh), KEEP=1 keeps the work dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,17 +27,24 @@ mode=${1:-test}
 case $mode in
 test) NODES=${NODES:-4} SIZE_MIB=${SIZE_MIB:-64} ;;
 bench) NODES=${NODES:-8} SIZE_MIB=${SIZE_MIB:-256} ;;
-*) echo "usage: $0 test|bench" >&2; exit 2 ;;
+swarm) NODES=${NODES:-16} SIZE_MIB=${SIZE_MIB:-128} UPSTREAM_RATE=${UPSTREAM_RATE:-100mbit} NODE_RATE=${NODE_RATE:-100mbit} ;;
+*) echo "usage: $0 test|bench|swarm" >&2; exit 2 ;;
 esac
 UPSTREAM_RATE=${UPSTREAM_RATE:-200mbit}
+NODE_RATE=${NODE_RATE:-}
 [ "$(id -u)" -eq 0 ] || { echo "$0: needs root (ip netns)" >&2; exit 1; }
 for c in ip tc containerd ctr curl sha256sum awk; do
   command -v $c >/dev/null || { echo "$0: missing $c (hack/test-deps.sh installs it)" >&2; exit 1; }
 done
 tools=${IMAGEMESH_TOOLS:-$(hack/test-deps.sh)}
-for c in registry crane; do
+needed="registry crane"
+[ "$mode" = swarm ] && needed="$needed containerd2 ctr2"
+for c in $needed; do
   [ -x "$tools/$c" ] || { echo "$0: missing $tools/$c (hack/test-deps.sh builds it)" >&2; exit 1; }
 done
+# containerd 1.6 from Debian by default; containerd 2.x (what current nodes run) for the swarm.
+containerd=containerd ctr=ctr
+if [ "$mode" = swarm ]; then containerd=$tools/containerd2 ctr=$tools/ctr2; fi
 
 id=imx$$
 work=$(mktemp -d /tmp/$id.XXXX)
@@ -112,8 +126,10 @@ layer=$(inns n1 "$tools/crane" manifest --insecure "$up:5000/bench/app:v1" | sed
 layer_size=$(stat -c %s "$work/layer.tar")
 log "pushed $image ($SIZE_MIB MiB layer $layer)"
 
-if [ "$mode" = bench ]; then
-  inns up tc qdisc add dev eth0 root tbf rate "$UPSTREAM_RATE" burst 256kb latency 100ms
+# shape NS RATE: the namespace's egress, as one NIC of that speed sends.
+shape() { inns "$1" tc qdisc replace dev eth0 root tbf rate "$2" burst 256kb latency 100ms; }
+if [ "$mode" != test ]; then
+  shape up "$UPSTREAM_RATE"
   log "upstream link shaped to $UPSTREAM_RATE"
 fi
 upstream_tx() { inns up cat /sys/class/net/eth0/statistics/tx_bytes; }
@@ -128,7 +144,23 @@ start_node() {
   local i=$1; shift
   local d="$work/n$i" ip=10.77.0.$i
   rm -rf "$d"; mkdir -p "$d/hosts" "$d/agent"
-  cat >"$d/containerd.toml" <<EOF
+  [ -z "$NODE_RATE" ] || shape "n$i" "$NODE_RATE"
+  if [ "$mode" = swarm ]; then
+    cat >"$d/containerd.toml" <<EOF
+version = 3
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd-ttrpc.sock"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/$(go env GOARCH)"
+  snapshotter = "native"
+EOF
+  else
+    cat >"$d/containerd.toml" <<EOF
 version = 2
 root = "$d/root"
 state = "$d/state"
@@ -138,7 +170,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 [ttrpc]
   address = "$d/containerd-ttrpc.sock"
 EOF
-  ip netns exec "$id-n$i" containerd --config "$d/containerd.toml" >"$work/containerd-n$i.log" 2>&1 &
+  fi
+  ip netns exec "$id-n$i" "$containerd" --config "$d/containerd.toml" >"$work/containerd-n$i.log" 2>&1 &
   pids+=($!)
   ip netns exec "$id-n$i" "$work/node-agent" --listen "$ip:5000" --data-dir "$d/agent" \
     --upstream "example.test=http://$up:5000" --hosts-dir "$d/hosts" --mirror-registry example.test \
@@ -166,7 +199,7 @@ wait_peers() { # wait_peers I N
 pull() { # pull I [REF]: ctr pull through node I's hosts.toml
   local i=$1 ref=${2:-$image}
   local d="$work/n$i"
-  inns "n$i" ctr --address "$d/containerd.sock" -n imagemesh images pull --hosts-dir "$d/hosts" \
+  inns "n$i" "$ctr" --address "$d/containerd.sock" -n imagemesh images pull --hosts-dir "$d/hosts" \
     --snapshotter native "$ref" >>"$work/ctr-n$i.log" 2>&1
 }
 stop_nodes() {
@@ -184,12 +217,13 @@ layer_ok() { # layer_ok I: node I's agent holds the layer, intact (it commits ju
   [ -f "$f" ] && [ "sha256:$(sha256sum "$f" | cut -d' ' -f1)" = "$layer" ]
 }
 
-start_cluster() { # start_cluster N [peering]: nodes 1..N, node 1 first, the others bootstrap from it
+start_cluster() { # start_cluster N [peering [agent flags...]]: nodes 1..N, node 1 first, the others bootstrap from it
   local n=$1 peering=${2:-}
+  shift $(($# < 2 ? $# : 2))
   if [ -n "$peering" ]; then
-    start_node 1 $(peer_args 1)
+    start_node 1 $(peer_args 1) "$@"
     local boot; boot=$(node1_addr)
-    for i in $(seq 2 "$n"); do start_node "$i" $(peer_args "$i") --bootstrap "$boot"; done
+    for i in $(seq 2 "$n"); do start_node "$i" $(peer_args "$i") --bootstrap "$boot" "$@"; done
     for i in $(seq 1 "$n"); do wait_peers "$i" $((n - 1)); done
   else
     for i in $(seq 1 "$n"); do start_node "$i"; done
@@ -262,12 +296,26 @@ fi
 
 # --- bench ---------------------------------------------------------------------------------------
 declare -A wall upbytes agents
-rounds=${ROUNDS:-alone off on warm}
+if [ "$mode" = swarm ]; then
+  # A star: every node may send a blob to as many peers as ask, as before upload slots.
+  printf 'peering:\n  uploadSlots: 64\n' >"$work/star.yaml"
+  default_rounds="alone off $(for r in $(seq 1 "${STAR_RUNS:-2}"); do printf 'star#%d ' "$r"; done)$(for r in $(seq 1 "${RUNS:-10}"); do printf 'tree#%d ' "$r"; done)slow"
+else
+  default_rounds="alone off on warm"
+fi
+rounds=${ROUNDS:-$default_rounds}
 for round in $rounds; do
-  case $round in
+  case ${round%%#*} in
   alone) stop_nodes; n=1; start_node 1 ;;
   off) stop_nodes; n=$NODES; start_cluster "$n" ;;
-  on) stop_nodes; n=$NODES; start_cluster "$n" peering ;;
+  on | tree) stop_nodes; n=$NODES; start_cluster "$n" peering ;;
+  star) stop_nodes; n=$NODES; start_cluster "$n" peering --config "$work/star.yaml" ;;
+  slow)
+    # Every link at SLOW_RATE: a transfer from peers takes over containerd's 30 s, and CRI's
+    # progress timeout is not far: no containerd may give up on its agent (it would pull from the
+    # registry itself, and the upstream would send more than the image).
+    stop_nodes; n=$NODES; NODE_RATE=${SLOW_RATE:-16mbit}; shape up "$NODE_RATE"
+    start_cluster "$n" peering ;;
   warm)
     # The same nodes, every agent warm, containerd emptied: what 8 containerds taking in and
     # unpacking the image at once cost on this machine, with no network in the way.
@@ -303,7 +351,23 @@ for round in $rounds; do
   wall[$round]=$(calc "$end - $start")
   upbytes[$round]=$(($(upstream_tx) - before))
   log "$round: $n nodes in ${wall[$round]} s, upstream sent ${upbytes[$round]} bytes; pulls done after $(for i in $(seq 1 $n); do printf '%s ' "$(calc "$(cat "$work/n$i/done") - $start")"; done)s, agents after $(for i in $(seq 1 $n); do printf '%s ' "$(calc "$(cat "$work/n$i/agent-done") - $start")"; done)s"
+  if [ "${round%%#*}" != off ] && [ "$n" -gt 1 ]; then
+    sent=""; for i in $(seq 1 $n); do sent="$sent $(($(metric "$i" imagemesh_peering_served_bytes_total) >> 20))"; done
+    log "$round: MiB each node sent to peers:$sent"
+  fi
 done
+
+if [ "$mode" = swarm ]; then
+  echo
+  echo "| $NODES nodes, containerd 2.x, one $SIZE_MIB MiB layer at once; upstream and every node at $UPSTREAM_RATE (slow: ${SLOW_RATE:-16mbit}) | every ctr pull done | × alone | every agent holds the layer | × alone | upstream bytes | × image |"
+  echo "|---|---|---|---|---|---|---|"
+  for round in $rounds; do
+    echo "| $round | ${wall[$round]} s | $(calc "${wall[$round]} / ${wall[alone]}") | ${agents[$round]} s | $(calc "${agents[$round]} / ${agents[alone]}") | ${upbytes[$round]} | $(calc "${upbytes[$round]} / $layer_size") |"
+  done
+  echo
+  echo "targets for the tree, every run: pulls done in at most 1.5x one node alone, at most 1.1x the image from upstream; slow: no containerd gives up on its agent (upstream at most 1.1x)"
+  exit 0
+fi
 
 # A warm blob between two namespaces: node 1 holds the layer; a fresh node 2 fetches it over libp2p
 # (its agent, with the registry gone, asks node 1), against curl over plain HTTP from node 1's agent.
