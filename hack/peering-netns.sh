@@ -14,8 +14,10 @@
 #                                 at once, the upstream's link AND every node's shaped to 100 Mbit/s:
 #                                 one node alone, peering off, a star (every node may send a blob to
 #                                 64 peers at once), the tree (peering.uploadSlots, default 1) RUNS
-#                                 times; then one slow round (16 Mbit/s links) in which every transfer
-#                                 from peers takes over 60 s. Needs containerd2 and ctr2 in the tools.
+#                                 times, the warm agents (what 16 containerds taking in the image at
+#                                 once cost this machine's CPUs); then one slow round (16 Mbit/s links)
+#                                 in which every transfer from peers takes over 60 s. Needs
+#                                 containerd2 and ctr2 in the tools.
 #
 # Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), NODE_RATE (every
 # node's egress, swarm), RUNS (swarm: tree rounds), STAR_RUNS, SLOW_RATE, IMAGEMESH_TOOLS
@@ -299,7 +301,7 @@ declare -A wall upbytes agents
 if [ "$mode" = swarm ]; then
   # A star: every node may send a blob to as many peers as ask, as before upload slots.
   printf 'peering:\n  uploadSlots: 64\n' >"$work/star.yaml"
-  default_rounds="alone off $(for r in $(seq 1 "${STAR_RUNS:-2}"); do printf 'star#%d ' "$r"; done)$(for r in $(seq 1 "${RUNS:-10}"); do printf 'tree#%d ' "$r"; done)slow"
+  default_rounds="alone off $(for r in $(seq 1 "${STAR_RUNS:-2}"); do printf 'star#%d ' "$r"; done)$(for r in $(seq 1 "${RUNS:-10}"); do printf 'tree#%d ' "$r"; done)warm slow"
 else
   default_rounds="alone off on warm"
 fi
@@ -321,7 +323,7 @@ for round in $rounds; do
     # unpacking the image at once cost on this machine, with no network in the way.
     n=$NODES
     for i in $(seq 1 "$n"); do
-      inns "n$i" ctr --address "$work/n$i/containerd.sock" -n imagemesh images rm --sync "$image" >/dev/null
+      inns "n$i" "$ctr" --address "$work/n$i/containerd.sock" -n imagemesh images rm --sync "$image" >/dev/null
       rm -f "$work/n$i/agent-done" "$work/n$i/done"
     done ;;
   esac
