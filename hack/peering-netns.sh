@@ -8,8 +8,11 @@
 #                                 from node 1 with ctr; a node killed while serving; a node with a
 #                                 corrupt copy; a host without the key.
 #   hack/peering-netns.sh bench   8 nodes start pulling one 256 MiB image at once, upstream link shaped
-#                                 to 200 Mbit/s, peering off then on; then a warm 256 MiB blob between
-#                                 two namespaces over libp2p against plain HTTP.
+#                                 to 200 Mbit/s, peering off then on; then the warm-blob part.
+#   hack/peering-netns.sh warm-blob   only the warm-blob part: a warm 256 MiB blob from node 1 to a
+#                                 fresh node 2 over libp2p, for each peering.encryption setting, against
+#                                 HTTPS (Go's TLS 1.3) and plain HTTP from node 1 on the same link; RUNS
+#                                 times each.
 #   hack/peering-netns.sh swarm   16 nodes, each running containerd 2.x, start pulling one 128 MiB image
 #                                 at once, the upstream's link AND every node's shaped to 100 Mbit/s:
 #                                 one node alone, peering off, a star (every node may send a blob to
@@ -20,8 +23,10 @@
 #                                 containerd2 and ctr2 in the tools.
 #
 # Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), NODE_RATE (every
-# node's egress, swarm), RUNS (swarm: tree rounds), STAR_RUNS, SLOW_RATE, IMAGEMESH_TOOLS
-# (directory with registry and crane; default: built by hack/test-deps.sh), KEEP=1 keeps the work dir.
+# node's egress, swarm), RUNS (warm-blob: runs of each, default 3; swarm: tree rounds, default 10),
+# STAR_RUNS, SLOW_RATE, ENCRYPTIONS (the warm-blob part's --peer-encryption values, default
+# "tls none"; "default" passes no flag), IMAGEMESH_TOOLS (directory with registry and crane; default:
+# built by hack/test-deps.sh), KEEP=1 keeps the work dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +35,8 @@ case $mode in
 test) NODES=${NODES:-4} SIZE_MIB=${SIZE_MIB:-64} ;;
 bench) NODES=${NODES:-8} SIZE_MIB=${SIZE_MIB:-256} ;;
 swarm) NODES=${NODES:-16} SIZE_MIB=${SIZE_MIB:-128} UPSTREAM_RATE=${UPSTREAM_RATE:-100mbit} NODE_RATE=${NODE_RATE:-100mbit} ;;
-*) echo "usage: $0 test|bench|swarm" >&2; exit 2 ;;
+warm-blob) NODES=${NODES:-2} SIZE_MIB=${SIZE_MIB:-256} ;;
+*) echo "usage: $0 test|bench|swarm|warm-blob" >&2; exit 2 ;;
 esac
 UPSTREAM_RATE=${UPSTREAM_RATE:-200mbit}
 NODE_RATE=${NODE_RATE:-}
@@ -81,6 +87,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 inns() { local ns=$1; shift; ip netns exec "$id-$ns" "$@"; }
 
 go build -o "$work/node-agent" ./cmd/node-agent
+[ "$mode" = test ] || go build -o "$work/blobref" ./hack/blobref
 
 # --- network: a bridge in the switch namespace, one veth per namespace -------------------------
 ip netns add "$id-sw"; namespaces+=("$id-sw")
@@ -142,10 +149,12 @@ printf '/key/swarm/psk/1.0.0/\n/base16/\n%s\n' "$(head -c 32 /dev/urandom | od -
 chmod 600 "$key"
 
 # start_node I [agent flags...]: a fresh containerd and agent in namespace nI.
+# With keep_data=1, the node keeps its cache and peer identity from its last start.
 start_node() {
   local i=$1; shift
   local d="$work/n$i" ip=10.77.0.$i
-  rm -rf "$d"; mkdir -p "$d/hosts" "$d/agent"
+  [ "${keep_data:-}" = 1 ] || rm -rf "$d"
+  mkdir -p "$d/hosts" "$d/agent"
   [ -z "$NODE_RATE" ] || shape "n$i" "$NODE_RATE"
   if [ "$mode" = swarm ]; then
     cat >"$d/containerd.toml" <<EOF
@@ -231,7 +240,14 @@ start_cluster() { # start_cluster N [peering [agent flags...]]: nodes 1..N, node
     for i in $(seq 1 "$n"); do start_node "$i"; done
   fi
 }
-stop_node() { for p in $(ip netns pids "$id-n$1"); do kill -9 "$p" 2>/dev/null || true; done; }
+# stop_node I: kill everything in node I's namespace, and reap what the script started there (so that
+# bash does not report each as Killed; wait refuses the others, containerd's shims).
+stop_node() {
+  local p killed
+  killed=$(ip netns pids "$id-n$1")
+  for p in $killed; do kill -9 "$p" 2>/dev/null || true; done
+  for p in $killed; do wait "$p" 2>/dev/null || true; done
+}
 calc() { awk "BEGIN { printf \"%.2f\", $* }"; }
 
 if [ "$mode" = test ]; then
@@ -293,6 +309,65 @@ if [ "$mode" = test ]; then
   [ "$peer_bytes" -lt $((2 * (SIZE_MIB << 20))) ] || fail "node 4 fetched $peer_bytes bytes for a $SIZE_MIB MiB layer: it started over instead of resuming"
   log "ok: node 4 pulled an intact layer with node $victim killed mid-transfer ($peer_bytes bytes from peers)"
   log "PASS"
+  exit 0
+fi
+
+# --- a warm blob between two namespaces ------------------------------------------------------------
+# Node 1 holds the layer; a fresh node 2 fetches it over libp2p (curl asks node 2's agent, which, with
+# the registry gone, gets it from node 1 and verifies it), against curl from node 1 on the same link:
+# over HTTPS (blobref: Go's TLS 1.3) and plain HTTP (blobref, and node 1's agent). Both nodes start
+# anew for every run, so that each run finds the blob through the DHT as a real miss does.
+blob="v2/bench/app/blobs/$layer?ns=example.test"
+# The agents write hosts.toml, so their pull API wants each node's token (what containerd sends).
+token() { echo "X-Imagemesh-Node-Token: $(cat "$work/n$1/agent/node-token")"; }
+declare -A warm_rows
+warm_blob() {
+  inns up tc qdisc del dev eth0 root 2>/dev/null || true # the upstream is not on this path
+  stop_nodes
+  start_node 1 $(peer_args 1)
+  pull 1 || fail "warm-blob: pull on node 1"
+  kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+  local f="$work/n1/agent/content/blobs/sha256/${layer#sha256:}"
+  local enc run enc_args p2p_t https_t http_t agent_t
+  for enc in ${ENCRYPTIONS:-tls none}; do
+    enc_args=()
+    [ "$enc" = default ] || enc_args=(--peer-encryption "$enc")
+    for run in $(seq 1 "${RUNS:-3}"); do
+      stop_node 1; stop_node 2
+      keep_data=1 start_node 1 $(peer_args 1) "${enc_args[@]}"
+      ip netns exec "$id-n1" "$work/blobref" -file "$f" -https 10.77.0.1:5443 -http 10.77.0.1:5080 >"$work/blobref.log" 2>&1 &
+      pids+=($!)
+      start_node 2 $(peer_args 2) "${enc_args[@]}" --bootstrap "$(node1_addr)"
+      wait_peers 2 1
+      for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
+      for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
+      https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
+      http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
+      agent_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
+      p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
+      layer_ok 2 || fail "warm-blob $enc: node 2 holds no intact layer"
+      [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "warm-blob $enc: node 2 did not fetch the layer from node 1"
+      warm_rows[$enc.$run]="| $enc | $run | $p2p_t s | $https_t s | $http_t s | $agent_t s | $(calc "$https_t / $p2p_t")× | $(calc "$http_t / $p2p_t")× |"
+      log "warm-blob $enc run $run: libp2p $p2p_t s, HTTPS $https_t s, HTTP $http_t s (agent $agent_t s)"
+    done
+  done
+}
+warm_table() {
+  echo
+  echo "warm $SIZE_MIB MiB blob, node 1 → node 2 (libp2p: through node 2's agent, verified and stored; references: curl from node 1)"
+  echo
+  echo "| --peer-encryption | run | libp2p | HTTPS (Go TLS 1.3) | HTTP | HTTP, node 1's agent | HTTPS / libp2p | HTTP / libp2p |"
+  echo "|---|---|---|---|---|---|---|---|"
+  local enc run
+  for enc in ${ENCRYPTIONS:-tls none}; do
+    for run in $(seq 1 "${RUNS:-3}"); do echo "${warm_rows[$enc.$run]}"; done
+  done
+  echo
+  echo "targets: tls ≥ 0.9× HTTPS; none ≥ 0.8× HTTP"
+}
+if [ "$mode" = warm-blob ]; then
+  warm_blob
+  warm_table
   exit 0
 fi
 
@@ -371,22 +446,7 @@ if [ "$mode" = swarm ]; then
   exit 0
 fi
 
-# A warm blob between two namespaces: node 1 holds the layer; a fresh node 2 fetches it over libp2p
-# (its agent, with the registry gone, asks node 1), against curl over plain HTTP from node 1's agent.
-stop_nodes
-inns up tc qdisc del dev eth0 root
-start_cluster 1 peering
-pull 1
-kill "${pids[0]}"
-start_node 2 $(peer_args 2) --bootstrap "$(node1_addr)"
-wait_peers 2 1
-for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
-blob="v2/bench/app/blobs/$layer?ns=example.test"
-# The agents write hosts.toml, so their pull API wants each node's token (what containerd sends).
-token() { echo "X-Imagemesh-Node-Token: $(cat "$work/n$1/agent/node-token")"; }
-http_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
-p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
-layer_ok 2 || fail "node 2 holds no intact layer"
+warm_blob
 echo
 echo "| $NODES nodes pull one $SIZE_MIB MiB image at once, upstream link $UPSTREAM_RATE | every ctr pull done | every agent holds the layer | upstream bytes | × image |"
 echo "|---|---|---|---|---|"
@@ -403,4 +463,4 @@ if [ -n "${wall[alone]:-}" ]; then
     echo "peering $round: pulls done in $(calc "${wall[$round]} / ${wall[alone]}")× the time of one node alone, agents warm in $(calc "${agents[$round]} / ${agents[alone]}")×, upstream sent $(calc "${upbytes[$round]} / $layer_size")× the image (targets, peering on: < 1.5×, < 1.2×)"
   done
 fi
-echo "warm $SIZE_MIB MiB blob, node 1 → node 2: plain HTTP $http_t s, libp2p (through node 2's agent, verified) $p2p_t s: $(calc "$http_t / $p2p_t")× (target ≥ 0.8)"
+warm_table

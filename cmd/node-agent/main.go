@@ -86,8 +86,9 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.Var(optionalBool{&cfg.RequireNodeToken}, "require-node-token", "answer /v2/ requests only with the node token, which the agent writes into its hosts.toml (default: true with --hosts-dir, else false)")
 	f.Lookup("require-node-token").NoOptDefVal = "true"
 	f.StringArrayVar(&cfg.Peering.Listen, "peer-listen", cfg.Peering.Listen, "libp2p multiaddr to listen on for peers, e.g. /ip4/0.0.0.0/tcp/5001; turns peering on (repeatable)")
-	f.StringVar(&cfg.Peering.KeyFile, "peer-key", cfg.Peering.KeyFile, "file with the cluster's pre-shared key (swarm.key format)")
+	f.StringVar(&cfg.Peering.KeyFile, "peer-key", cfg.Peering.KeyFile, "file with the cluster key (swarm.key format), which peers prove they hold")
 	f.BoolVar(&cfg.Peering.Open, "peer-open", cfg.Peering.Open, "peer without a key: any host that reaches --peer-listen can fetch from the cache")
+	f.StringVar(&cfg.Peering.Encryption, "peer-encryption", cfg.Peering.Encryption, "tls (default) or none: peers prove the key but send bytes unencrypted, only for networks that encrypt every packet already")
 	f.StringArrayVar(&cfg.Peering.Bootstrap, "bootstrap", cfg.Peering.Bootstrap, "peer multiaddr ending in /p2p/<peer id> to join through (repeatable)")
 	f.Var(&hostPorts{list: &cfg.Peering.DNS}, "bootstrap-dns", "HOST:PORT: find peers at the addresses of HOST (a headless Service), asking each agent's API on PORT for its peer ID (repeatable)")
 	f.Var(kubernetesService{&cfg.Peering}, "bootstrap-service", "NAMESPACE/NAME: find peers through the EndpointSlices of the agents' Service (port \"api\")")

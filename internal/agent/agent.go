@@ -369,6 +369,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, fetchTh
 	opts := peering.Options{
 		ListenAddrs:       p.Listen,
 		Open:              p.Open,
+		Encryption:        peering.Encryption(p.Encryption),
 		DataDir:           cfg.DataDir,
 		Bootstrap:         p.Bootstrap,
 		Store:             store,

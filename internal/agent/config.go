@@ -109,6 +109,11 @@ type PeeringConfig struct {
 	KeyFile string `json:"keyFile,omitempty"`
 	// Open runs without a key: anyone who can reach the port can fetch from the cache.
 	Open bool `json:"open,omitempty"`
+	// Encryption protects peer traffic on the wire: "tls" (default) or "none", for networks that
+	// encrypt every packet already (WireGuard or IPsec in the CNI). With "none", peers still prove
+	// that they hold the key, but the bytes between them have no confidentiality and no integrity
+	// beyond the network's; blobs are still verified against their digests.
+	Encryption string `json:"encryption,omitempty"`
 	// Bootstrap are peers' multiaddrs, ending in /p2p/<peer id>.
 	Bootstrap []string `json:"bootstrap,omitempty"`
 	// DNS is a name with one address per agent (a headless Service), as HOST:PORT where PORT is the
@@ -554,6 +559,15 @@ func (p PeeringConfig) validate() []error {
 		errs = append(errs, errors.New("peering: keyFile (--peer-key) is required; to let any host that reaches the port fetch from the cache, set peering.open (--peer-open)"))
 	case p.KeyFile != "" && p.Open:
 		errs = append(errs, errors.New("peering: keyFile and open exclude each other"))
+	}
+	switch p.Encryption {
+	case "", "tls":
+	case "none":
+		if p.Open {
+			errs = append(errs, errors.New("peering: encryption none needs keyFile: without the key, nothing would authenticate peers"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("peering.encryption (--peer-encryption) %q: want tls or none", p.Encryption))
 	}
 	if k := p.Kubernetes; k != nil && k.Service.IsZero() {
 		errs = append(errs, errors.New("peering.kubernetes.service: want NAMESPACE/NAME"))

@@ -36,3 +36,22 @@ func TestCacheSizeBytesOrShareOfTheFilesystem(t *testing.T) {
 		}
 	}
 }
+
+func TestPeeringEncryption(t *testing.T) {
+	for _, tc := range []struct {
+		p  PeeringConfig
+		ok bool
+	}{
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, KeyFile: "k"}, true},
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, KeyFile: "k", Encryption: "tls"}, true},
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, KeyFile: "k", Encryption: "none"}, true},
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, Open: true}, true},
+		// Open and unencrypted: nobody would be authenticated, every byte readable and alterable.
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, Open: true, Encryption: "none"}, false},
+		{PeeringConfig{Listen: []string{"/ip4/0.0.0.0/tcp/5001"}, KeyFile: "k", Encryption: "aes"}, false},
+	} {
+		if errs := tc.p.validate(); (len(errs) == 0) != tc.ok {
+			t.Errorf("open %v, encryption %q: %v", tc.p.Open, tc.p.Encryption, errs)
+		}
+	}
+}

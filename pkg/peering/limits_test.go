@@ -41,7 +41,7 @@ func TestStreamFloodIsRefusedWhileOthersAreServed(t *testing.T) {
 	}
 
 	// The flooder is a plain libp2p host with the key and no limits of its own.
-	flooder, err := libp2p.New(libp2p.PrivateNetwork(psk), libp2p.NoTransports, libp2p.Transport(tcp.NewTCPTransport),
+	flooder, err := libp2p.New(securityOption(psk, EncryptionTLS), libp2p.NoTransports, libp2p.Transport(tcp.NewTCPTransport),
 		libp2p.ListenAddrs(), libp2p.DisableRelay(), libp2p.ResourceManager(&network.NullResourceManager{}))
 	if err != nil {
 		t.Fatal(err)

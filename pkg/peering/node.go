@@ -1,8 +1,10 @@
-// Package peering lets the agents of a cluster share their caches. Each agent runs a libp2p host in a
-// private network (a pre-shared key: hosts without it cannot connect), finds which peers hold a digest
-// through a Kademlia DHT that is the cluster's own (protocol prefix /imagemesh, never the public IPFS
-// DHT), and fetches blobs over a stream protocol that starts at any offset, so that a transfer cut off
-// by a dying peer resumes elsewhere.
+// Package peering lets the agents of a cluster share their caches. Each agent runs a libp2p host whose
+// connections are secured by one TLS 1.3 session (or, where the network already encrypts, by none) in
+// which each side proves that it holds the cluster key before any stream opens (membership.go: hosts
+// without the key cannot connect), finds which peers hold a digest through a Kademlia DHT that is the
+// cluster's own (protocol prefix /imagemesh, never the public IPFS DHT), and fetches blobs over a
+// stream protocol that starts at any offset, so that a transfer cut off by a dying peer resumes
+// elsewhere.
 //
 // Peers are never trusted with content: every byte goes through the content store, which verifies
 // the digest before it keeps a blob or lets a reader have its last byte.
@@ -62,8 +64,11 @@ type CachedTagFunc func(repo reference.Named, tag string) (ocispec.Descriptor, t
 type Options struct {
 	// ListenAddrs are TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
 	ListenAddrs []string
-	// PSK is the cluster key. Nil is accepted only with Open.
+	// PSK is the cluster key: peers prove that they hold it. Nil is accepted only with Open.
 	PSK pnet.PSK
+	// Encryption protects the bytes between members on the wire: EncryptionTLS (the default, also
+	// when empty) or EncryptionNone, for networks that encrypt every packet already. It needs a PSK.
+	Encryption Encryption
 	// Open runs without a cluster key: any host that can reach this one can fetch from it.
 	Open bool
 	// DataDir keeps the node's identity key, so that its peer ID survives restarts.
@@ -131,6 +136,13 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	if opts.PSK == nil && !opts.Open {
 		return nil, errors.New("peering: a cluster key is required (or run open explicitly)")
 	}
+	if err := opts.Encryption.validate(); err != nil {
+		return nil, err
+	}
+	if opts.PSK == nil && opts.Encryption == EncryptionNone {
+		// Without a key, nothing would authenticate peers: anyone could read and alter every byte.
+		return nil, errors.New("peering: encryption none needs a cluster key")
+	}
 	if opts.Store == nil {
 		return nil, errors.New("peering: a content store is required")
 	}
@@ -189,17 +201,16 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	hostOpts := []libp2p.Option{
 		libp2p.Identity(key),
 		libp2p.ListenAddrs(listen...),
-		// Private networks work over TCP only: QUIC, WebTransport and WebRTC cannot carry a PSK.
+		// TCP only: the member transport secures a stream connection, and QUIC brings its own TLS
+		// that no proof of the cluster key could go into before streams open.
 		libp2p.NoTransports,
 		libp2p.Transport(tcp.NewTCPTransport),
+		securityOption(opts.PSK, opts.Encryption),
 		libp2p.Muxer(yamux.ID, muxer()),
 		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionManager(cm),
-	}
-	if opts.PSK != nil {
-		hostOpts = append(hostOpts, libp2p.PrivateNetwork(opts.PSK))
 	}
 	h, err := libp2p.New(hostOpts...)
 	if err != nil {
@@ -244,7 +255,7 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	go n.provideLoop()
 	go n.reprovideLoop()
 	go n.discoverLoop()
-	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "private", opts.PSK != nil)
+	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "member", opts.PSK != nil, "encryption", encryptionName(opts))
 	return n, nil
 }
 
@@ -445,7 +456,7 @@ func DigestCID(d digest.Digest) (cid.Cid, error) {
 }
 
 // muxer is libp2p's yamux with larger frames: blobs are the traffic, and a 64 KiB frame costs a
-// header, a window update and a pass through each cipher layer for every 64 KiB of a layer.
+// header and a window update for every 64 KiB of a layer.
 func muxer() *yamux.Transport {
 	cfg := *(*yamuxlib.Config)(yamux.DefaultTransport)
 	cfg.MaxMessageSize = 1 << 20
