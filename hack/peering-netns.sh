@@ -313,10 +313,14 @@ if [ "$mode" = test ]; then
 fi
 
 # --- a warm blob between two namespaces ------------------------------------------------------------
-# Node 1 holds the layer; a fresh node 2 fetches it over libp2p (curl asks node 2's agent, which, with
-# the registry gone, gets it from node 1 and verifies it), against curl from node 1 on the same link:
-# over HTTPS (blobref: Go's TLS 1.3) and plain HTTP (blobref, and node 1's agent). Both nodes start
-# anew for every run, so that each run finds the blob through the DHT as a real miss does.
+# Node 1 holds the layer. In node 2's namespace, curl fetches it from node 1 over HTTPS (blobref: Go's
+# TLS 1.3) and plain HTTP (blobref), and blobref -peer-get over libp2p, through the peers' Source as
+# an agent does (the DHT, then the blob protocol): three clients that drop the bytes, so that the
+# ratios are the transports'. Then the whole way: curl asks node 2's agent, which, with the registry
+# gone, fetches the layer from node 1, verifies and stores it, and only then (it is untrusted until
+# verified: cache.untrustedHold) serves it; and, for scale, curl from node 1's agent over plain HTTP.
+# Both nodes start anew for every run, so that each run finds the blob through the DHT as a real
+# miss does.
 blob="v2/bench/app/blobs/$layer?ns=example.test"
 # The agents write hosts.toml, so their pull API wants each node's token (what containerd sends).
 token() { echo "X-Imagemesh-Node-Token: $(cat "$work/n$1/agent/node-token")"; }
@@ -328,10 +332,12 @@ warm_blob() {
   pull 1 || fail "warm-blob: pull on node 1"
   kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
   local f="$work/n1/agent/content/blobs/sha256/${layer#sha256:}"
-  local enc run enc_args p2p_t https_t http_t agent_t
+  local enc run enc_args p2p_t https_t http_t agent_t peer_n peer_t
   for enc in ${ENCRYPTIONS:-tls none}; do
     enc_args=()
     [ "$enc" = default ] || enc_args=(--peer-encryption "$enc")
+    local client_enc=$enc
+    [ "$enc" = default ] && client_enc=
     for run in $(seq 1 "${RUNS:-3}"); do
       stop_node 1; stop_node 2
       keep_data=1 start_node 1 $(peer_args 1) "${enc_args[@]}"
@@ -343,21 +349,24 @@ warm_blob() {
       for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
       https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
       http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
+      read -r peer_n peer_t < <(inns n2 "$work/blobref" -peer-get "$layer" -key "$key" -encryption "$client_enc" \
+        -listen /ip4/10.77.0.2/tcp/5009 -bootstrap "$(node1_addr)" 2>>"$work/blobref.log") || true
+      [ "$peer_n" = "$(stat -c %s "$f")" ] || fail "warm-blob $enc: the peer client read ${peer_n:-no} bytes (blobref.log)"
       agent_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
       p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
       layer_ok 2 || fail "warm-blob $enc: node 2 holds no intact layer"
       [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "warm-blob $enc: node 2 did not fetch the layer from node 1"
-      warm_rows[$enc.$run]="| $enc | $run | $p2p_t s | $https_t s | $http_t s | $agent_t s | $(calc "$https_t / $p2p_t")× | $(calc "$http_t / $p2p_t")× |"
-      log "warm-blob $enc run $run: libp2p $p2p_t s, HTTPS $https_t s, HTTP $http_t s (agent $agent_t s)"
+      warm_rows[$enc.$run]="| $enc | $run | $peer_t s | $https_t s | $http_t s | $(calc "$https_t / $peer_t")× | $(calc "$http_t / $peer_t")× | $p2p_t s | $agent_t s |"
+      log "warm-blob $enc run $run: libp2p $peer_t s, HTTPS $https_t s, HTTP $http_t s; through node 2's agent $p2p_t s, node 1's agent $agent_t s"
     done
   done
 }
 warm_table() {
   echo
-  echo "warm $SIZE_MIB MiB blob, node 1 → node 2 (libp2p: through node 2's agent, verified and stored; references: curl from node 1)"
+  echo "warm $SIZE_MIB MiB blob, node 1 → node 2 (clients in node 2's namespace that drop the bytes; then the whole way through node 2's agent)"
   echo
-  echo "| --peer-encryption | run | libp2p | HTTPS (Go TLS 1.3) | HTTP | HTTP, node 1's agent | HTTPS / libp2p | HTTP / libp2p |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| --peer-encryption | run | libp2p | HTTPS (Go TLS 1.3) | HTTP | HTTPS / libp2p | HTTP / libp2p | through node 2's agent | HTTP from node 1's agent |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   local enc run
   for enc in ${ENCRYPTIONS:-tls none}; do
     for run in $(seq 1 "${RUNS:-3}"); do echo "${warm_rows[$enc.$run]}"; done

@@ -3,9 +3,16 @@
 // rather than HTTP/2, so that the HTTPS reference costs the cipher and nothing else.
 //
 //	blobref -file BLOB -https 10.77.0.1:5443 -http 10.77.0.1:5080
+//
+// With -peer-get, it is instead the peer counterpart of curl -o /dev/null: a peering node of its own
+// that joins the cluster through -bootstrap, fetches the blob through the peers' Source (the DHT, then
+// the blob protocol, as an agent does), drops the bytes, and prints how many and how long it took.
+//
+//	blobref -peer-get sha256:… -key swarm.key -encryption tls -listen /ip4/10.77.0.2/tcp/5009 -bootstrap /ip4/10.77.0.1/tcp/5001/p2p/12D3Koo…
 package main
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -15,19 +22,38 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"time"
+
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
+	"github.com/imagemesh/imagemesh/pkg/peering"
+	"github.com/imagemesh/imagemesh/pkg/source"
 )
 
 func main() {
 	file := flag.String("file", "", "file to serve at every path")
 	httpsAddr := flag.String("https", "", "address for HTTPS")
 	httpAddr := flag.String("http", "", "address for plain HTTP")
+	peerGet := flag.String("peer-get", "", "digest to fetch from peers instead of serving")
+	key := flag.String("key", "", "with -peer-get: the cluster key file")
+	enc := flag.String("encryption", "", "with -peer-get: tls or none")
+	listen := flag.String("listen", "", "with -peer-get: libp2p listen multiaddr")
+	bootstrap := flag.String("bootstrap", "", "with -peer-get: a peer's multiaddr ending in /p2p/<id>")
 	flag.Parse()
-	if err := run(*file, *httpsAddr, *httpAddr); err != nil {
+	var err error
+	if *peerGet != "" {
+		err = getFromPeers(digest.Digest(*peerGet), *key, *enc, *listen, *bootstrap)
+	} else {
+		err = run(*file, *httpsAddr, *httpAddr)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "blobref:", err)
 		os.Exit(1)
 	}
@@ -80,4 +106,65 @@ func selfSigned() (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// getFromPeers fetches d from the cluster as an agent's peer source does, and prints "BYTES SECONDS",
+// the seconds counted from the request (the node has joined by then), as curl's time_total is.
+func getFromPeers(d digest.Digest, keyFile, enc, listen, bootstrap string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	psk, err := peering.LoadPSK(keyFile)
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "blobref")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(dir) }()
+	store, err := content.Open(dir, content.Options{})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = store.Close() }()
+	n, err := peering.New(ctx, peering.Options{
+		ListenAddrs: []string{listen}, PSK: psk, Encryption: peering.Encryption(enc),
+		DataDir: dir, Store: store, Bootstrap: []string{bootstrap},
+	})
+	if err != nil {
+		return err
+	}
+	defer func() { _ = n.Close() }()
+	for n.Peers() == 0 {
+		if ctx.Err() != nil {
+			return fmt.Errorf("no peer joined: %w", ctx.Err())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	repo, err := reference.ParseNormalizedNamed("example.test/bench/app")
+	if err != nil {
+		return err
+	}
+	// Connected is not yet routing: the DHT takes the peer into its table a moment later, and until
+	// then finds no provider. The time counts from the try that finds one.
+	var c *source.Content
+	var start time.Time
+	for {
+		start = time.Now()
+		c, err = n.Source().Open(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}, 0)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, source.ErrNotFound) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	defer func() { _ = c.Close() }()
+	got, err := io.CopyBuffer(struct{ io.Writer }{io.Discard}, c, make([]byte, 1<<20))
+	if err != nil {
+		return fmt.Errorf("read %s from peers: %w", d, err)
+	}
+	fmt.Printf("%d %.6f\n", got, time.Since(start).Seconds())
+	return nil
 }
