@@ -211,8 +211,8 @@ const errNotHere = "not found"
 // errBehind answers a request from a byte the node has not received yet.
 const errBehind = "behind"
 
-// sendBuffers are what blobs go out through: large writes cross the stream muxer, the secure channel
-// and the private network's cipher in few, large frames.
+// sendBuffers are what blobs go out through: large writes cross the stream muxer and the secure
+// channel in few, large frames.
 var sendBuffers = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 
 func (n *Node) serveTag(s network.Stream) error {
