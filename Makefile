@@ -89,5 +89,11 @@ bench-swarm: test-deps
 bench-cluster: test-deps
 	IMAGEMESH_TOOLS=$(TOOLS_DIR) hack/cluster-bench.sh
 
+# 100, 300 and 1,000 simulated agents in one process (mocknet, the real DHT, provide and leader code):
+# leader agreement, provide and find latency, announcements, registry fetches per cold blob. Heavy.
+.PHONY: bench-sim
+bench-sim:
+	hack/sim.sh
+
 clean:
 	rm -rf $(BIN)

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IMAGEMESH_TOOLS=${IMAGEMESH_TOOLS:-$(hack/test-deps.sh)}
-exec go test ./test/e2e ./pkg/peering -run '^$' -bench "${BENCH:-.}" -benchtime 1x -timeout 30m "$@"
+# The cluster simulation is skipped: it runs for many minutes and has a target of its own (make bench-sim).
+exec go test ./test/e2e ./pkg/peering -run '^$' -bench "${BENCH:-.}" -skip "${SKIP:-^BenchmarkCluster$}" -benchtime 1x -timeout 30m "$@"

@@ -217,6 +217,13 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		// libp2p owns the resource and connection managers from here, and closes what it started.
 		return nil, fmt.Errorf("peering: start host: %w", err)
 	}
+	return newOnHost(ctx, opts, h, m, bootstrap)
+}
+
+// newOnHost is New from the DHT on, on a host someone else built: New's, or an in-process network's
+// (go-libp2p's mocknet) in the cluster simulation. opts has New's defaults; the node owns h and closes
+// it, on failure too.
+func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, bootstrap []peer.AddrInfo) (*Node, error) {
 	kad, err := dht.New(h,
 		dht.Mode(dht.ModeServer),
 		dht.ProtocolPrefix(ProtocolPrefix),
