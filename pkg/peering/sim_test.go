@@ -138,8 +138,10 @@ func BenchmarkCluster(b *testing.B) {
 			b.ReportMetric(r.cold.opensPerBlob, "registry-opens/blob")
 			b.ReportMetric(float64(r.cold.maxServing), "max-concurrent-uploads")
 		})
+		// After every size, not only at the end: a larger size that runs out of memory or time
+		// leaves the table of the smaller ones.
+		fmt.Print(simTable(cfg, rows))
 	}
-	fmt.Print(simTable(cfg, rows))
 }
 
 // uploadSlotsLabel names the upload-slot limit the nodes run with: Options.UploadSlots once the field
