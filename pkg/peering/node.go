@@ -146,33 +146,7 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	if opts.Store == nil {
 		return nil, errors.New("peering: a content store is required")
 	}
-	if opts.ReprovideInterval == 0 {
-		opts.ReprovideInterval = DefaultReprovideInterval
-	}
-	if opts.ProvideRate == 0 {
-		opts.ProvideRate = DefaultProvideRate
-	}
-	if opts.DiscoverInterval == 0 {
-		opts.DiscoverInterval = 30 * time.Second
-	}
-	if opts.MinPeers == 0 {
-		opts.MinPeers = 8
-	}
-	if opts.MaxFetchThroughPerPeer == 0 {
-		opts.MaxFetchThroughPerPeer = DefaultMaxFetchThroughPerPeer
-	}
-	if opts.MaxFetchThrough == 0 {
-		opts.MaxFetchThrough = DefaultMaxFetchThrough
-	}
-	if opts.TagTTL == 0 {
-		opts.TagTTL = DefaultTagTTL
-	}
-	if opts.UploadSlots <= 0 {
-		opts.UploadSlots = DefaultUploadSlots
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
+	opts = opts.withDefaults()
 	key, err := loadIdentity(filepath.Join(opts.DataDir, "peer-identity.key"))
 	if err != nil {
 		return nil, err
@@ -220,10 +194,44 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 	return newOnHost(ctx, opts, h, m, bootstrap)
 }
 
+// withDefaults fills in what opts leaves unset. New and newOnHost both call it, so that a node
+// started on a host of its own (the simulation's) runs with the same settings as any other.
+func (opts Options) withDefaults() Options {
+	if opts.ReprovideInterval == 0 {
+		opts.ReprovideInterval = DefaultReprovideInterval
+	}
+	if opts.ProvideRate == 0 {
+		opts.ProvideRate = DefaultProvideRate
+	}
+	if opts.DiscoverInterval == 0 {
+		opts.DiscoverInterval = 30 * time.Second
+	}
+	if opts.MinPeers == 0 {
+		opts.MinPeers = 8
+	}
+	if opts.MaxFetchThroughPerPeer == 0 {
+		opts.MaxFetchThroughPerPeer = DefaultMaxFetchThroughPerPeer
+	}
+	if opts.MaxFetchThrough == 0 {
+		opts.MaxFetchThrough = DefaultMaxFetchThrough
+	}
+	if opts.TagTTL == 0 {
+		opts.TagTTL = DefaultTagTTL
+	}
+	if opts.UploadSlots <= 0 {
+		opts.UploadSlots = DefaultUploadSlots
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return opts
+}
+
 // newOnHost is New from the DHT on, on a host someone else built: New's, or an in-process network's
 // (go-libp2p's mocknet) in the cluster simulation. opts has New's defaults; the node owns h and closes
 // it, on failure too.
 func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, bootstrap []peer.AddrInfo) (*Node, error) {
+	opts = opts.withDefaults()
 	kad, err := dht.New(h,
 		dht.Mode(dht.ModeServer),
 		dht.ProtocolPrefix(ProtocolPrefix),

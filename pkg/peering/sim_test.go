@@ -15,11 +15,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
-	"reflect"
 	"runtime"
 	"slices"
 	"strconv"
@@ -62,7 +60,7 @@ type simConfig struct {
 	ColdRounds  int           // cold blobs, one after the other (COLD_ROUNDS, default 2)
 	RegLatency  time.Duration // the registry's time to first byte (REGISTRY_LATENCY, default 50ms)
 	RegRate     float64       // the registry's bytes/s per request (REGISTRY_RATE, default 50e6)
-	UploadSlots int           // Options.UploadSlots if the field exists (UPLOAD_SLOTS, default: New's)
+	UploadSlots int           // Options.UploadSlots (UPLOAD_SLOTS, default: New's)
 }
 
 func simConfigFromEnv(tb testing.TB) simConfig {
@@ -144,15 +142,11 @@ func BenchmarkCluster(b *testing.B) {
 	}
 }
 
-// uploadSlotsLabel names the upload-slot limit the nodes run with: Options.UploadSlots once the field
-// exists (issue 13's target is that no node serves more than it), "none" before.
+// uploadSlotsLabel names the upload-slot limit the nodes run with (issue 13's target is that no node
+// serves more than it).
 func uploadSlotsLabel(cfg simConfig) string {
-	f, ok := reflect.TypeFor[Options]().FieldByName("UploadSlots")
-	if !ok {
-		return "none (Options has no UploadSlots)"
-	}
 	if cfg.UploadSlots == 0 {
-		return "Options." + f.Name + " default"
+		return strconv.Itoa(DefaultUploadSlots) + " (the default)"
 	}
 	return strconv.Itoa(cfg.UploadSlots)
 }
@@ -311,25 +305,15 @@ type simCluster struct {
 	dir   string
 }
 
-// simOptions are the nodes' options: New's defaults, set here because the simulation starts nodes on
-// its own hosts (newOnHost), past the code of New that sets them.
+// simOptions are the nodes' options; newOnHost fills in New's defaults for the rest.
 func (c *simCluster) simOptions(store *content.Store, regView source.Source) Options {
-	opts := Options{
-		Open: true, Store: store,
-		ReprovideInterval: DefaultReprovideInterval, ProvideRate: DefaultProvideRate, TagTTL: DefaultTagTTL,
-		DiscoverInterval: 30 * time.Second, MinPeers: 8, Logger: slog.New(slog.DiscardHandler),
-		MaxFetchThroughPerPeer: DefaultMaxFetchThroughPerPeer, MaxFetchThrough: DefaultMaxFetchThrough,
+	return Options{
+		Open: true, Store: store, UploadSlots: c.cfg.UploadSlots,
 		FetchThrough: func(ctx context.Context, obj source.Object) (*content.Reader, error) {
 			// As the agent: a leader fetches from its own trusted sources only, never its peers.
 			return store.Fetch(ctx, obj.Digest, simFetchFrom(regView, obj))
 		},
 	}
-	if c.cfg.UploadSlots > 0 {
-		if f := reflect.ValueOf(&opts).Elem().FieldByName("UploadSlots"); f.IsValid() && f.CanSet() && f.Kind() == reflect.Int {
-			f.SetInt(int64(c.cfg.UploadSlots))
-		}
-	}
-	return opts
 }
 
 // start makes host h a node over the store in dir, joining through the given peers.
@@ -589,7 +573,7 @@ func (s leaderStats) String() string {
 }
 
 // leaderAgreement asks every node who leads each of k random digests: the leader rule of the node
-// itself (Node.leader), on its own routing table.
+// itself (Node.leader).
 func (c *simCluster) leaderAgreement(k int) leaderStats {
 	ids := make([]peer.ID, len(c.nodes))
 	for i, n := range c.nodes {
@@ -600,12 +584,25 @@ func (c *simCluster) leaderAgreement(k int) leaderStats {
 		d := randomDigest()
 		key, _ := DigestCID(d) // a sha256 digest always has a CID
 		ideal := kb.SortClosestPeers(ids, kb.ConvertKey(string(key.Hash())))[0]
+		// The rule is a DHT lookup: ask every node at once, a few dozen lookups at a time.
+		leaders := make([]peer.ID, len(c.nodes))
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, 64)
+		for i, n := range c.nodes {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				l, ok := n.leader(context.Background(), d)
+				if !ok {
+					l = n.ID() // the node leads itself: it fetches from the registry
+				}
+				leaders[i] = l
+			}()
+		}
+		wg.Wait()
 		votes := map[peer.ID]int{}
-		for _, n := range c.nodes {
-			l, ok := n.leader(d)
-			if !ok {
-				l = n.ID() // the node leads itself: it fetches from the registry
-			}
+		for _, l := range leaders {
 			votes[l]++
 		}
 		top := 0
