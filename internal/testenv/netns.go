@@ -21,22 +21,8 @@ func RunInNetns(t *testing.T, addrs ...string) bool {
 	if os.Getenv(inNetnsEnv) == t.Name() {
 		return true
 	}
-	RequireRoot(t)
-	Tool(t, "ip")
-	ns := fmt.Sprintf("imx-test-%d", os.Getpid())
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("netns", "add", ns)
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Logf("ip netns del %s: %v %s", ns, err, out)
-		}
-	})
-	run("-n", ns, "link", "set", "lo", "up")
+	ns := Netns(t, "imx-test")
+	run := func(args ...string) { IP(t, args...) }
 	// A veth pair with both ends inside: the addresses need an interface that is up, and the kernel
 	// here may lack the dummy driver.
 	run("-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
@@ -57,4 +43,29 @@ func RunInNetns(t *testing.T, addrs ...string) bool {
 		t.Fatalf("test in network namespace %s: %v", ns, err)
 	}
 	return false
+}
+
+// Netns makes a network namespace named prefix-<pid>, with its loopback up, and removes it when
+// the test ends (with the veth pairs that have an end in it). It needs root and ip.
+func Netns(t testing.TB, prefix string) string {
+	t.Helper()
+	RequireRoot(t)
+	Tool(t, "ip")
+	ns := fmt.Sprintf("%s-%d", prefix, os.Getpid())
+	IP(t, "netns", "add", ns)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v %s", ns, err, out)
+		}
+	})
+	IP(t, "-n", ns, "link", "set", "lo", "up")
+	return ns
+}
+
+// IP runs ip with args and fails the test if it fails.
+func IP(t testing.TB, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
 }

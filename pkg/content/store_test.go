@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -403,39 +404,8 @@ func TestFetchWithoutHoldFailsOnlyTheReadersThatHadCorruptBytes(t *testing.T) {
 	s := openStore(t, t.TempDir(), Options{UntrustedHold: -1})
 	data, d := randomBlob(t, 4<<20)
 	const trustedPart = 1 << 20
-	var calls atomic.Int32
-	var rejected []string
-	var mu sync.Mutex
-	peerGate := make(chan struct{})
-	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
-		reject := func(name string) func(error) {
-			return func(err error) {
-				if !errors.Is(err, ErrDigestMismatch) {
-					t.Errorf("reject %s: %v, want ErrDigestMismatch", name, err)
-				}
-				mu.Lock()
-				rejected = append(rejected, name)
-				mu.Unlock()
-			}
-		}
-		switch calls.Add(1) {
-		case 1: // trusted, breaks off
-			return &Fetched{Body: io.NopCloser(io.MultiReader(bytes.NewReader(data[:trustedPart]), errReader{io.ErrUnexpectedEOF})), Size: int64(len(data)), Source: "upstream"}, nil
-		case 2: // a bad peer: waits at the gate, then sends a corrupt rest
-			if off != trustedPart {
-				t.Errorf("bad peer asked from %d, want %d", off, trustedPart)
-			}
-			bad := append([]byte{}, data[off:]...)
-			bad[len(bad)/2] ^= 0xff
-			body := io.MultiReader(bytes.NewReader(bad[:1<<20]), gated{peerGate}, bytes.NewReader(bad[1<<20:]))
-			return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("bad")}, nil
-		default:
-			if off != trustedPart {
-				t.Errorf("after rejection, asked from %d, want %d", off, trustedPart)
-			}
-			return &Fetched{Body: io.NopCloser(bytes.NewReader(data[off:])), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("good")}, nil
-		}
-	}
+	src := newBadPeerSource(t, data, trustedPart)
+	fetch, peerGate := src.fetch, src.gate
 	early, err := s.Fetch(context.Background(), d, fetch)
 	if err != nil {
 		t.Fatal(err)
@@ -466,9 +436,7 @@ func TestFetchWithoutHoldFailsOnlyTheReadersThatHadCorruptBytes(t *testing.T) {
 	// The readers that had the bad peer's bytes fail; one that reads on only after the bad source was
 	// rejected gets the right blob.
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		mu.Lock()
-		n := len(rejected)
-		mu.Unlock()
+		n := len(src.rejections())
 		if n > 0 {
 			break
 		}
@@ -485,9 +453,7 @@ func TestFetchWithoutHoldFailsOnlyTheReadersThatHadCorruptBytes(t *testing.T) {
 			t.Errorf("%s reader that had corrupt bytes: %v, want ErrDigestMismatch", name, err)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(rejected) != 1 || rejected[0] != "bad" {
+	if rejected := src.rejections(); len(rejected) != 1 || rejected[0] != "bad" {
 		t.Fatalf("rejected %v, want just the bad source", rejected)
 	}
 	// The reader has its last byte once the blob verified; the commit follows.
@@ -517,39 +483,8 @@ func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
 	s := openStore(t, t.TempDir(), Options{})
 	data, d := randomBlob(t, 4<<20)
 	const trustedPart = 1 << 20
-	var calls atomic.Int32
-	var rejected []string
-	var mu sync.Mutex
-	peerGate := make(chan struct{})
-	fetch := func(ctx context.Context, off int64) (*Fetched, error) {
-		reject := func(name string) func(error) {
-			return func(err error) {
-				if !errors.Is(err, ErrDigestMismatch) {
-					t.Errorf("reject %s: %v, want ErrDigestMismatch", name, err)
-				}
-				mu.Lock()
-				rejected = append(rejected, name)
-				mu.Unlock()
-			}
-		}
-		switch calls.Add(1) {
-		case 1: // trusted, breaks off
-			return &Fetched{Body: io.NopCloser(io.MultiReader(bytes.NewReader(data[:trustedPart]), errReader{io.ErrUnexpectedEOF})), Size: int64(len(data)), Source: "upstream"}, nil
-		case 2: // a bad peer: waits at the gate, then sends a corrupt rest
-			if off != trustedPart {
-				t.Errorf("bad peer asked from %d, want %d", off, trustedPart)
-			}
-			bad := append([]byte{}, data[off:]...)
-			bad[len(bad)/2] ^= 0xff
-			body := io.MultiReader(bytes.NewReader(bad[:1<<20]), gated{peerGate}, bytes.NewReader(bad[1<<20:]))
-			return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("bad")}, nil
-		default:
-			if off != trustedPart {
-				t.Errorf("after rejection, asked from %d, want %d", off, trustedPart)
-			}
-			return &Fetched{Body: io.NopCloser(bytes.NewReader(data[off:])), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("good")}, nil
-		}
-	}
+	src := newBadPeerSource(t, data, trustedPart)
+	fetch, peerGate := src.fetch, src.gate
 	client, err := s.Fetch(context.Background(), d, fetch)
 	if err != nil {
 		t.Fatal(err)
@@ -587,9 +522,7 @@ func TestFetchHoldsUntrustedBytesAndRetriesWithoutTheBadSource(t *testing.T) {
 	if _, err := io.ReadAll(io.NewSectionReader(peerView, 0, peerView.Size())); !errors.Is(err, ErrDigestMismatch) {
 		t.Errorf("peer reader that had corrupt bytes: %v, want ErrDigestMismatch", err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(rejected) != 1 || rejected[0] != "bad" {
+	if rejected := src.rejections(); len(rejected) != 1 || rejected[0] != "bad" {
 		t.Fatalf("rejected %v, want just the bad source", rejected)
 	}
 	// The reader has its last byte once the blob verified; the commit follows.
@@ -664,5 +597,59 @@ func TestFetchGivesUpOnUntrustedSourcesThatNeverVerify(t *testing.T) {
 	}
 	if _, err := s.Stat(d); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("corrupt blob kept: %v", err)
+	}
+}
+
+// badPeerSource answers a fetch in three parts: a trusted source that breaks off after trustedPart
+// bytes, a bad peer that sends the rest with a byte flipped (waiting at gate once it sent a
+// megabyte), then a good peer. It records which sources were rejected.
+type badPeerSource struct {
+	t           *testing.T
+	data        []byte
+	trustedPart int64
+	gate        chan struct{}
+	calls       atomic.Int32
+	mu          sync.Mutex
+	rejected    []string
+}
+
+func newBadPeerSource(t *testing.T, data []byte, trustedPart int64) *badPeerSource {
+	return &badPeerSource{t: t, data: data, trustedPart: trustedPart, gate: make(chan struct{})}
+}
+
+func (b *badPeerSource) rejections() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.rejected)
+}
+
+func (b *badPeerSource) fetch(ctx context.Context, off int64) (*Fetched, error) {
+	t, data := b.t, b.data
+	reject := func(name string) func(error) {
+		return func(err error) {
+			if !errors.Is(err, ErrDigestMismatch) {
+				t.Errorf("reject %s: %v, want ErrDigestMismatch", name, err)
+			}
+			b.mu.Lock()
+			b.rejected = append(b.rejected, name)
+			b.mu.Unlock()
+		}
+	}
+	switch b.calls.Add(1) {
+	case 1: // trusted, breaks off
+		return &Fetched{Body: io.NopCloser(io.MultiReader(bytes.NewReader(data[:b.trustedPart]), errReader{io.ErrUnexpectedEOF})), Size: int64(len(data)), Source: "upstream"}, nil
+	case 2: // a bad peer: waits at the gate, then sends a corrupt rest
+		if off != b.trustedPart {
+			t.Errorf("bad peer asked from %d, want %d", off, b.trustedPart)
+		}
+		bad := append([]byte{}, data[off:]...)
+		bad[len(bad)/2] ^= 0xff
+		body := io.MultiReader(bytes.NewReader(bad[:1<<20]), gated{b.gate}, bytes.NewReader(bad[1<<20:]))
+		return &Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("bad")}, nil
+	default:
+		if off != b.trustedPart {
+			t.Errorf("after rejection, asked from %d, want %d", off, b.trustedPart)
+		}
+		return &Fetched{Body: io.NopCloser(bytes.NewReader(data[off:])), Size: int64(len(data)), Source: "peer", Untrusted: true, Reject: reject("good")}, nil
 	}
 }

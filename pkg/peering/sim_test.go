@@ -134,7 +134,7 @@ func BenchmarkCluster(b *testing.B) {
 			b.ReportMetric(float64(r.leaders.distinctMean), "leaders/digest")
 			b.ReportMetric(r.leaders.majorityShare*100, "%agree")
 			b.ReportMetric(r.cold.opensPerBlob, "registry-opens/blob")
-			b.ReportMetric(float64(r.cold.maxServing), "max-concurrent-uploads")
+			b.ReportMetric(float64(r.cold.maxSlots), "max-peers-per-blob")
 		})
 		// After every size, not only at the end: a larger size that runs out of memory or time
 		// leaves the table of the smaller ones.
@@ -281,8 +281,8 @@ func (p *simPeers) Open(ctx context.Context, obj source.Object, offset int64) (*
 	return c, err
 }
 
-// fetchFrom is the mirror's FetchFunc over a source (pkg/mirror fetchFrom), which this package
-// cannot import.
+// simFetchFrom is the mirror's FetchFunc over a source (pkg/mirror fetchFrom), which this package
+// cannot import. The package's other tests that fetch as an agent does use it too.
 func simFetchFrom(src source.Source, obj source.Object) content.FetchFunc {
 	return func(ctx context.Context, offset int64) (*content.Fetched, error) {
 		c, err := src.Open(ctx, obj, offset)
@@ -790,7 +790,8 @@ type coldStats struct {
 	rounds                 int
 	opens, fresh, through  int64 // registry requests: all, at offset 0, by leaders for peers
 	opensPerBlob           float64
-	maxServing             int64 // most blob streams one node served at once
+	maxServing             int64 // most blob streams one node had open at once, refused ones included
+	maxSlots               int   // most peers one node sent one blob to at once (its upload slots)
 	maxServed              int64 // most blob streams one node served in a round
 	servers                int   // nodes that served a blob stream in a round (most of any round)
 	failed                 int
@@ -804,6 +805,7 @@ func (s *coldStats) add(o coldStats) {
 	s.fresh += o.fresh
 	s.through += o.through
 	s.maxServing = max(s.maxServing, o.maxServing)
+	s.maxSlots = max(s.maxSlots, o.maxSlots)
 	s.maxServed = max(s.maxServed, o.maxServed)
 	s.servers = max(s.servers, o.servers)
 	s.failed += o.failed
@@ -813,8 +815,8 @@ func (s *coldStats) add(o coldStats) {
 }
 
 func (s coldStats) String() string {
-	return fmt.Sprintf("registry opens %d (%d at offset 0, %d by leaders for peers); blob streams served: most at once by one node %d, most by one node %d, nodes serving %d; first source peer %d registry %d; %d failed; done %s",
-		s.opens, s.fresh, s.through, s.maxServing, s.maxServed, s.servers, s.fromPeer, s.fromRegistry, s.failed, s.done)
+	return fmt.Sprintf("registry opens %d (%d at offset 0, %d by leaders for peers); blob streams: most open at once on one node %d, most peers sent one blob at once %d, most served by one node %d, nodes serving %d; first source peer %d registry %d; %d failed; done %s",
+		s.opens, s.fresh, s.through, s.maxServing, s.maxSlots, s.maxServed, s.servers, s.fromPeer, s.fromRegistry, s.failed, s.done)
 }
 
 // coldStart has every node fetch the same new blob at the same moment, as the mirror does on a
@@ -896,6 +898,7 @@ func (c *simCluster) coldStart(round int) (coldStats, error) {
 	s.through = c.reg.forPeers.Load() - before.through
 	for i, n := range c.nodes {
 		s.maxServing = max(s.maxServing, n.maxServing.Load())
+		s.maxSlots = max(s.maxSlots, n.uploads.maxPerBlob())
 		d := n.served.Load() - served[i]
 		s.maxServed = max(s.maxServed, d)
 		if d > 0 {
@@ -976,7 +979,8 @@ func simTable(cfg simConfig, rows []simResult) string {
 	line("  of which by leaders for peers / at offset 0", func(r simResult) string {
 		return fmt.Sprintf("%d / %d", r.cold.through, r.cold.fresh)
 	})
-	line("most blob streams one node serves at once", func(r simResult) string { return strconv.FormatInt(r.cold.maxServing, 10) })
+	line("most peers one node sends a blob to at once (target <= upload slots)", func(r simResult) string { return strconv.Itoa(r.cold.maxSlots) })
+	line("most blob streams open on one node at once, refused included", func(r simResult) string { return strconv.FormatInt(r.cold.maxServing, 10) })
 	line("most blob streams one node serves a round", func(r simResult) string { return strconv.FormatInt(r.cold.maxServed, 10) })
 	line("nodes serving blob streams (most in a round)", func(r simResult) string { return strconv.Itoa(r.cold.servers) })
 	line("first source: peer / registry / failed", func(r simResult) string {

@@ -51,18 +51,6 @@ func (p *paced) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// fetchFunc opens obj on src for a store, as the mirror does.
-func fetchFunc(src source.Source, obj source.Object) content.FetchFunc {
-	return func(ctx context.Context, offset int64) (*content.Fetched, error) {
-		c, err := src.Open(ctx, obj, offset)
-		if err != nil {
-			return nil, err
-		}
-		return &content.Fetched{Body: c, Size: c.Descriptor.Size, Source: c.Source, Untrusted: c.Untrusted,
-			Reject: c.Reject, SizeTrusted: !c.Untrusted}, nil
-	}
-}
-
 // Nodes that start the same cold pull at the same moment get the blob from the registry once: one
 // node, the leader all of them agree on, fetches it, and the others line up behind each other, each
 // streaming from a node that is itself still receiving it, no node sending it to more peers at once
@@ -82,7 +70,7 @@ func TestColdPullSpreadsWithinUploadSlots(t *testing.T) {
 		var n *Node
 		n = testNodeWith(t, psk, func(o *Options) {
 			o.FetchThrough = func(ctx context.Context, obj source.Object) (*content.Reader, error) {
-				return n.opts.Store.Fetch(ctx, obj.Digest, fetchFunc(reg, obj))
+				return n.opts.Store.Fetch(ctx, obj.Digest, simFetchFrom(reg, obj))
 			}
 		}, firstAddrs(all)...)
 		all = append(all, n)
@@ -100,7 +88,7 @@ func TestColdPullSpreadsWithinUploadSlots(t *testing.T) {
 			chain := source.NewChain(source.Link{Source: n.Source()}, source.Link{Source: reg})
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			rd, err := n.opts.Store.Fetch(ctx, obj.Digest, fetchFunc(chain, obj))
+			rd, err := n.opts.Store.Fetch(ctx, obj.Digest, simFetchFrom(chain, obj))
 			if err != nil {
 				errs[i] = err
 				return

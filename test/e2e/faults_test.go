@@ -255,27 +255,12 @@ func TestDataDiskFillsUp(t *testing.T) {
 // its own. It returns the namespace and the name of the shapeable end.
 func splitLinks(t *testing.T) (ns, peerLink string) {
 	t.Helper()
-	testenv.RequireRoot(t)
-	testenv.Tool(t, "ip")
 	testenv.Tool(t, "tc")
+	ns = testenv.Netns(t, "imx-faults")
 	id := os.Getpid() % 100000
-	ns = fmt.Sprintf("imx-faults-%d", id)
 	peerLink = fmt.Sprintf("imxf%dp", id)
 	apiLink := fmt.Sprintf("imxf%da", id)
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("netns", "add", ns)
-	t.Cleanup(func() {
-		// The veth pairs go with their ends in the namespace.
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v %s", ns, err, out)
-		}
-	})
-	run("-n", ns, "link", "set", "lo", "up")
+	run := func(args ...string) { testenv.IP(t, args...) }
 	for i, link := range []string{peerLink, apiLink} {
 		inside := fmt.Sprintf("eth%d", i)
 		run("link", "add", link, "type", "veth", "peer", "name", inside, "netns", ns)

@@ -172,15 +172,7 @@ func TestCorruptPeerIsSkipped(t *testing.T) {
 	var layers []digest.Digest
 	for _, l := range manifestLayers(t, manifestURL) {
 		layers = append(layers, l)
-		p := filepath.Join(n1.DataDir, "content", "blobs", "sha256", l.Encoded())
-		f, err := os.OpenFile(p, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.WriteAt([]byte("rot"), 4096); err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
+		rot(t, n1, l)
 	}
 
 	n2 := startPeer(t, append(common, "--hosts-dir", hosts[1], "--bootstrap", n1.peerAddr())...)
@@ -221,15 +213,7 @@ func TestCorruptPeerEveryClient(t *testing.T) {
 		t.Fatalf("pull on node 1: %v\n%s", err, out)
 	}
 	layer := firstLayer(t, reg.URL+"/v2/team/app/manifests/v1").Digest
-	p := filepath.Join(n1.DataDir, "content", "blobs", "sha256", layer.Encoded())
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt([]byte("rot"), 4096); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	rot(t, n1, layer)
 
 	for _, v := range []testenv.ContainerdVersion{testenv.Containerd16, testenv.Containerd2} {
 		for _, client := range []string{"ctr", "CRI"} {
@@ -260,6 +244,19 @@ func TestCorruptPeerEveryClient(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// rot changes three bytes of an agent's copy of blob d, as a failing disk would, its size kept.
+func rot(t testing.TB, a *agent, d digest.Digest) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(a.DataDir, "content", "blobs", "sha256", d.Encoded()), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("rot"), 4096); err != nil {
+		t.Fatal(err)
 	}
 }
 
