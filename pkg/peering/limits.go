@@ -3,6 +3,7 @@ package peering
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -156,6 +157,17 @@ const errBusy = "busy"
 // was reached. It is no verdict on the peer: it may have room a moment later.
 var errPeerBusy = errors.New("peer busy")
 
+// busyError is a busy answer with the peers the busy node is sending the blob to: the asker tries
+// them next, without a search. Nodes that ask at once so walk down the line of nodes that receive
+// the blob to its end, a stream's round trip a step.
+type busyError struct {
+	msg string
+	try []peer.AddrInfo
+}
+
+func (e *busyError) Error() string        { return e.msg }
+func (e *busyError) Is(target error) bool { return target == errPeerBusy }
+
 // fetchThroughLimit bounds the fetches a node makes from its own sources for its peers: per peer and
 // in all. The work is a digest being fetched: peers that ask for a digest already being fetched
 // through share its slot, so that a cluster's cold pull (every node asks the leader for the same
@@ -230,36 +242,44 @@ const DefaultUploadSlots = 1
 type uploadSlots struct {
 	slots int
 	mu    sync.Mutex
-	used  map[digest.Digest]int
-	total int // streams being sent, all blobs together
-	peak  int // the most streams one blob had at once, since the node started
+	used  map[digest.Digest][]peer.ID // the peers each blob is being sent to
+	total int                         // streams being sent, all blobs together
+	peak  int                         // the most streams one blob had at once, since the node started
 }
 
 func newUploadSlots(slots int) *uploadSlots {
-	return &uploadSlots{slots: slots, used: map[digest.Digest]int{}}
+	return &uploadSlots{slots: slots, used: map[digest.Digest][]peer.ID{}}
 }
 
-// acquire takes a slot of d and returns its release, or false when every slot of d is in use.
-func (u *uploadSlots) acquire(d digest.Digest) (func(), bool) {
+// acquire takes a slot of d for p and returns its release. When every slot of d is in use, it
+// returns false and the peers d is being sent to: they are receiving it, so they provide it, and
+// the asker may find a slot free with them.
+func (u *uploadSlots) acquire(d digest.Digest, p peer.ID) (func(), []peer.ID, bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.used[d] >= u.slots {
-		return nil, false
+	if len(u.used[d]) >= u.slots {
+		return nil, slices.Clone(u.used[d]), false
 	}
-	u.used[d]++
+	u.used[d] = append(u.used[d], p)
 	u.total++
-	u.peak = max(u.peak, u.used[d])
+	u.peak = max(u.peak, len(u.used[d]))
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			u.mu.Lock()
 			defer u.mu.Unlock()
-			if u.used[d]--; u.used[d] <= 0 {
+			receivers := u.used[d]
+			if i := slices.Index(receivers, p); i >= 0 {
+				receivers = slices.Delete(receivers, i, i+1)
+			}
+			if len(receivers) == 0 {
 				delete(u.used, d)
+			} else {
+				u.used[d] = receivers
 			}
 			u.total--
 		})
-	}, true
+	}, nil, true
 }
 
 // inUse is the number of blob streams being sent to peers now.

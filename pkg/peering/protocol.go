@@ -47,6 +47,8 @@ type blobRequest struct {
 type blobAnswer struct {
 	Size  int64  `json:"size"`
 	Error string `json:"error,omitempty"`
+	// Try, with a busy answer, names the peers the blob is being sent to, where a slot may be free.
+	Try []peer.AddrInfo `json:"try,omitempty"`
 }
 
 type tagRequest struct {
@@ -119,10 +121,14 @@ func (n *Node) serveBlob(s network.Stream) error {
 	if !req.Stat {
 		// One of the blob's upload slots first: a node whose link already carries the blob to as
 		// many peers as it should sends the asker elsewhere at once, before any work.
-		release, ok := n.uploads.acquire(req.Digest)
+		release, receivers, ok := n.uploads.acquire(req.Digest, s.Conn().RemotePeer())
 		if !ok {
 			n.metrics.slotRefused.Inc()
-			return refuse(s, blobAnswer{Error: fmt.Sprintf("%s: all %d upload slots of this blob in use", errBusy, n.opts.UploadSlots)})
+			ans := blobAnswer{Error: fmt.Sprintf("%s: all %d upload slots of this blob in use", errBusy, n.opts.UploadSlots)}
+			for _, r := range receivers {
+				ans.Try = append(ans.Try, n.host.Peerstore().PeerInfo(r))
+			}
+			return refuse(s, ans)
 		}
 		defer release()
 		// The send buffer counts against the blob protocol's memory, the peer's share of it included:
@@ -383,29 +389,49 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 			found = true
 			n.metrics.observe(n.metrics.find, start, nil)
 		}
+		// The providers, then the leader; a busy one's hints go first: the nodes it is sending the
+		// blob to, which provide it and may have a slot.
+		queue := make([]peerRequest, 0, len(providers)+1)
 		for _, info := range providers {
-			tried[info.ID] = true
 			if len(info.Addrs) > 0 {
 				n.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Minute)
 			}
-			c, err := s.fetch(ctx, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
-			if err == nil {
-				return c, nil
-			}
-			if errors.Is(err, errPeerBusy) {
-				busy++
-			}
-			errs = append(errs, err)
+			queue = append(queue, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
 		}
-		if led && !tried[leader] && !n.bad.has(leader, obj.Digest) {
-			c, err := s.fetch(ctx, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
+		if led && !n.bad.has(leader, obj.Digest) {
+			queue = append(queue, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
+		}
+		for hops := 0; len(queue) > 0 && hops < maxAsks; hops++ {
+			r := queue[0]
+			queue = queue[1:]
+			if tried[r.peer] {
+				continue
+			}
+			tried[r.peer] = true
+			c, err := s.fetch(ctx, r)
 			if err == nil {
 				return c, nil
 			}
-			if errors.Is(err, errPeerBusy) {
-				busy++
-			}
 			errs = append(errs, err)
+			var b *busyError
+			if !errors.As(err, &b) {
+				if errors.Is(err, errPeerBusy) {
+					busy++
+				}
+				continue
+			}
+			busy++
+			var next []peerRequest
+			for _, info := range b.try {
+				if info.ID == n.host.ID() || tried[info.ID] || n.bad.has(info.ID, obj.Digest) {
+					continue
+				}
+				if len(info.Addrs) > 0 {
+					n.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Minute)
+				}
+				next = append(next, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
+			}
+			queue = append(next, queue...)
 		}
 		if busy == 0 || ctx.Err() != nil || time.Since(start) > s.BusyWait {
 			break
@@ -431,6 +457,9 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 	// Peers that failed are not a verdict on the object: the next source decides.
 	return nil, fmt.Errorf("%w: %w", source.ErrNotFound, errors.Join(errs...))
 }
+
+// maxAsks bounds the peers asked in one round, hints included.
+const maxAsks = 64
 
 // gatherProviders is how long the search for providers goes on after the first one answered: long
 // enough for the others a lookup finds, so that the node picks among them, not the first one found.
@@ -566,7 +595,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 	if err == nil && ans.Error != "" {
 		err = errors.New(ans.Error)
 		if strings.HasPrefix(ans.Error, errBusy) {
-			err = fmt.Errorf("%w: %s", errPeerBusy, ans.Error)
+			err = &busyError{msg: "peer busy: " + ans.Error, try: ans.Try}
 		}
 	}
 	if err == nil && ans.Size < 0 {

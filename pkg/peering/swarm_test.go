@@ -3,6 +3,7 @@ package peering
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -128,4 +129,36 @@ func firstAddrs(nodes []*Node) []string {
 		out = append(out, n.Addrs()[0])
 	}
 	return out
+}
+
+// A node whose upload slots of a blob are taken answers busy with the peers it is sending the blob
+// to, and their addresses: the asker tries them next, without a search.
+func TestBusyProviderNamesItsReceivers(t *testing.T) {
+	psk := testKey(t)
+	a := testNode(t, psk)
+	b := testNode(t, psk, a.Addrs()[0])
+	c := testNode(t, psk, a.Addrs()[0])
+	waitRouting(t, a, b, c)
+	data := make([]byte, 16<<20) // far over a stream's window: a stream that is not read stays open
+	rand.Read(data)
+	d := digest.FromBytes(data)
+	if err := a.opts.Store.Put(d, data); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	held, err := b.request(ctx, a.ID(), blobRequest{Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close() // b holds a's only slot of d, reading nothing
+
+	_, err = c.request(ctx, a.ID(), blobRequest{Digest: d})
+	var busy *busyError
+	if !errors.As(err, &busy) || !errors.Is(err, errPeerBusy) {
+		t.Fatalf("asking a node whose only slot is taken: %v, want a busy answer", err)
+	}
+	if len(busy.try) != 1 || busy.try[0].ID != b.ID() || len(busy.try[0].Addrs) == 0 {
+		t.Fatalf("the busy answer names %v, want node b (%s) and its addresses", busy.try, b.ID())
+	}
 }
