@@ -371,11 +371,10 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 		errs   []error
 		found  bool
 		leader peer.ID
-		led    bool // leader is known (led is false when this node leads, or nobody does)
+		looked bool // the leader was looked up, once, when first needed
+		led    bool // a peer leads (not this node)
 	)
-	if !stat && obj.Kind == source.KindBlob {
-		leader, led = n.leader(ctx, obj.Digest)
-	}
+	wantLeader := !stat && obj.Kind == source.KindBlob
 	// Rounds: every provider that answers busy (its upload slots for the blob are taken) may have
 	// a slot free, or new providers may have announced, a moment later. Nodes that start the same
 	// cold pull at once so line up behind each other rather than all on the first provider, or on
@@ -398,10 +397,23 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 			}
 			queue = append(queue, peerRequest{peer: info.ID, obj: obj, offset: offset, stat: stat})
 		}
-		if led && !n.bad.has(leader, obj.Digest) {
-			queue = append(queue, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
-		}
-		for hops := 0; len(queue) > 0 && hops < maxAsks; hops++ {
+		askedLeader := false
+		for hops := 0; hops < maxAsks; hops++ {
+			if len(queue) == 0 && wantLeader && !askedLeader {
+				// The leader last, and looked up only when no provider answered: the lookup is a
+				// DHT query that a pull served by a provider need not wait for.
+				askedLeader = true
+				if !looked {
+					leader, led = n.leader(ctx, obj.Digest)
+					looked = true
+				}
+				if led && !n.bad.has(leader, obj.Digest) {
+					queue = append(queue, peerRequest{peer: leader, obj: obj, offset: offset, through: true})
+				}
+			}
+			if len(queue) == 0 {
+				break
+			}
 			r := queue[0]
 			queue = queue[1:]
 			if tried[r.peer] {
