@@ -371,17 +371,9 @@ func TestPeerSendsOneBytePerSecond(t *testing.T) {
 // the small one, read whole, on its digest), counts it as bad, and gets the image from the
 // registry; it keeps the verified layers only.
 func TestPeerClaimsWrongSize(t *testing.T) {
-	reg := testenv.StartRegistry(t)
-	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 512 << 10}, testenv.Layer{Size: 8 << 20})
+	reg, n1, common := pulledPeer(t, testenv.Layer{Size: 512 << 10}, testenv.Layer{Size: 8 << 20})
 	const image = "example.test/team/app:v1"
-	key := writeKey(t)
-	common := []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", key}
-	hosts := []string{t.TempDir(), t.TempDir()}
-	n1 := startPeer(t, append(common, "--hosts-dir", hosts[0])...)
-	c1 := testenv.StartContainerd(t, testenv.Containerd16, hosts[0])
-	if out, err := c1.CtrPull(ctx(t), image); err != nil {
-		t.Fatalf("pull on node 1: %v\n%s", err, out)
-	}
+	hosts2 := t.TempDir()
 
 	layers := map[digest.Digest]int64{}
 	n1.Stop()
@@ -405,7 +397,7 @@ func TestPeerClaimsWrongSize(t *testing.T) {
 	}
 	n1.Start()
 
-	n2 := startPeer(t, append(common, "--hosts-dir", hosts[1], "--bootstrap", n1.peerAddr())...)
+	n2 := startPeer(t, append(common, "--hosts-dir", hosts2, "--bootstrap", n1.peerAddr())...)
 	waitMetric(t, n2, 1, "imagemesh_peering_peers")
 	// The restarted node 1 announces everything it holds as soon as it has a peer to tell, not a
 	// reprovide interval (10 minutes) later: node 1 is found for every layer.
@@ -414,7 +406,7 @@ func TestPeerClaimsWrongSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitMetric(t, n1, float64(len(announced)), "imagemesh_peering_provide_duration_seconds_count", `result="ok"`)
-	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts[1])
+	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts2)
 	if out, err := c2.CtrPull(ctx(t), image); err != nil {
 		t.Fatalf("pull on node 2 with a peer that claims wrong sizes: %v\n%s", err, out)
 	}

@@ -155,18 +155,9 @@ func TestHostWithoutTheKeyCannotPeer(t *testing.T) {
 // layer is verified before it is used, the large one when it is complete; node 1 is counted as bad,
 // skipped, and the pull gets the right bytes elsewhere. Nothing corrupt is kept.
 func TestCorruptPeerIsSkipped(t *testing.T) {
-	reg := testenv.StartRegistry(t)
-	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 1 << 20}, testenv.Layer{Size: 16 << 20})
+	reg, n1, common := pulledPeer(t, testenv.Layer{Size: 1 << 20}, testenv.Layer{Size: 16 << 20})
 	const image = "example.test/team/app:v1"
-	key := writeKey(t)
-	common := []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", key}
-	hosts := []string{t.TempDir(), t.TempDir()}
-	// Node 1 pulls alone, so that it fetches every layer itself rather than through a peer that leads.
-	n1 := startPeer(t, append(common, "--hosts-dir", hosts[0])...)
-	c1 := testenv.StartContainerd(t, testenv.Containerd16, hosts[0])
-	if out, err := c1.CtrPull(ctx(t), image); err != nil {
-		t.Fatalf("pull on node 1: %v\n%s", err, out)
-	}
+	hosts2 := t.TempDir()
 
 	manifestURL := reg.URL + "/v2/team/app/manifests/v1"
 	var layers []digest.Digest
@@ -175,9 +166,9 @@ func TestCorruptPeerIsSkipped(t *testing.T) {
 		rot(t, n1, l)
 	}
 
-	n2 := startPeer(t, append(common, "--hosts-dir", hosts[1], "--bootstrap", n1.peerAddr())...)
+	n2 := startPeer(t, append(common, "--hosts-dir", hosts2, "--bootstrap", n1.peerAddr())...)
 	waitMetric(t, n2, 1, "imagemesh_peering_peers")
-	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts[1])
+	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts2)
 	if out, err := c2.CtrPull(ctx(t), image); err != nil {
 		t.Fatalf("pull on node 2 with a corrupt peer: %v\n%s", err, out)
 	}
@@ -201,17 +192,8 @@ func TestCorruptPeerIsSkipped(t *testing.T) {
 // bytes it gets in its ingest and resumes from them, so a client that got corrupt ones would fail
 // pull after pull.
 func TestCorruptPeerEveryClient(t *testing.T) {
-	reg := testenv.StartRegistry(t)
-	testenv.PushImage(t, reg.Host+"/team/app:v1", testenv.Layer{Size: 16 << 20})
+	reg, n1, common := pulledPeer(t, testenv.Layer{Size: 16 << 20})
 	const image = "example.test/team/app:v1"
-	key := writeKey(t)
-	common := []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", key}
-	h1 := t.TempDir()
-	n1 := startPeer(t, append(common, "--hosts-dir", h1)...)
-	c1 := testenv.StartContainerd(t, testenv.Containerd16, h1)
-	if out, err := c1.CtrPull(ctx(t), image); err != nil {
-		t.Fatalf("pull on node 1: %v\n%s", err, out)
-	}
 	layer := firstLayer(t, reg.URL+"/v2/team/app/manifests/v1").Digest
 	rot(t, n1, layer)
 
@@ -245,6 +227,23 @@ func TestCorruptPeerEveryClient(t *testing.T) {
 			})
 		}
 	}
+}
+
+// pulledPeer starts a registry holding example.test/team/app:v1 with the given layers and a first
+// node that pulls the image alone through containerd, so that it fetches every layer itself rather
+// than through a peer that leads. common are the flags every node of the test shares.
+func pulledPeer(t *testing.T, layers ...testenv.Layer) (reg *testenv.Registry, n1 *agent, common []string) {
+	t.Helper()
+	reg = testenv.StartRegistry(t)
+	testenv.PushImage(t, reg.Host+"/team/app:v1", layers...)
+	common = []string{"--upstream", "example.test=" + reg.URL, "--mirror-registry", "example.test", "--peer-key", writeKey(t)}
+	hosts := t.TempDir()
+	n1 = startPeer(t, append(common, "--hosts-dir", hosts)...)
+	c1 := testenv.StartContainerd(t, testenv.Containerd16, hosts)
+	if out, err := c1.CtrPull(ctx(t), "example.test/team/app:v1"); err != nil {
+		t.Fatalf("pull on node 1: %v\n%s", err, out)
+	}
+	return reg, n1, common
 }
 
 // rot changes three bytes of an agent's copy of blob d, as a failing disk would, its size kept.
