@@ -485,9 +485,12 @@ const leaderLookup = 5 * time.Second
 // leader is the node that fetches d through for the others when nobody has it yet: of every node of
 // the cluster, the one closest to d's key, found by a DHT lookup (the same one that places d's
 // provider records), so that all nodes agree however large the cluster and however much their
-// routing tables differ. It is false when this node leads. If the lookup fails, the node's own
-// routing table decides, as before: nodes whose views differ then ask different leaders, and the
-// registry serves the blob a few times rather than once.
+// routing tables differ. It is false when this node leads.
+//
+// A lookup cut short by its deadline (a cluster whose nodes all start at once, on busy CPUs) still
+// names the closest peers it heard of: they are nearer the key than this node's own routing table,
+// which only breaks the tie when the lookup found nobody. Nodes whose lookups stopped at different
+// points may then ask different leaders, and the registry serves the blob a few times, not once.
 func (n *Node) leader(ctx context.Context, d digest.Digest) (peer.ID, bool) {
 	c, err := DigestCID(d)
 	if err != nil {
@@ -497,9 +500,10 @@ func (n *Node) leader(ctx context.Context, d digest.Digest) (peer.ID, bool) {
 	lctx, cancel := context.WithTimeout(ctx, leaderLookup)
 	defer cancel()
 	nearest, err := n.dht.GetClosestPeers(lctx, key)
-	if err != nil || len(nearest) == 0 {
-		nearest = n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)
+	if err != nil {
+		n.log.Debug("leader lookup cut short; taking the closest peers it heard of", "digest", d, "heard", len(nearest), "err", err)
 	}
+	nearest = append(nearest, n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)...)
 	if len(nearest) == 0 {
 		return "", false
 	}
