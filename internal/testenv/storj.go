@@ -57,7 +57,6 @@ func StartPostgres(t testing.TB) string {
 		owner, cred = u, &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
 	}
 	dir := shortTempDir(t, "pg")
-	t.Cleanup(func() { _ = os.RemoveAll(dir) }) // a leftover in the temp dir is only untidy
 	data, sock := filepath.Join(dir, "data"), filepath.Join(dir, "sock")
 	for _, d := range []string{data, sock} {
 		if err := os.Mkdir(d, 0o700); err != nil {
@@ -116,7 +115,6 @@ func StartStorj(t testing.TB) *Storj {
 	planet := Tool(t, "storj-planet")
 	pg := StartPostgres(t)
 	dir := shortTempDir(t, "planet")
-	t.Cleanup(func() { _ = os.RemoveAll(dir) }) // a leftover in the temp dir is only untidy
 	info, log := filepath.Join(dir, "info.json"), filepath.Join(dir, "planet.log")
 	cmd := exec.Command(planet, "-test.run", "^TestServe$", "-test.count", "1", "-test.timeout", "0")
 	cmd.Dir = dir
@@ -203,7 +201,6 @@ func (s *Storj) StartLinksharing(t testing.TB) *Linksharing {
 	t.Helper()
 	bin := Tool(t, "linksharing")
 	dir := shortTempDir(t, "linkshare")
-	t.Cleanup(func() { _ = os.RemoveAll(dir) }) // a temp dir: what is left is harmless
 	addr := FreeAddr(t)
 	l := &Linksharing{URL: "http://" + addr}
 	log := filepath.Join(dir, "linksharing.log")

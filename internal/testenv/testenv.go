@@ -105,7 +105,9 @@ func FreeAddrOn(t testing.TB, host string) string {
 }
 
 // shortTempDir makes a temp dir whose path is short enough for unix sockets inside it (108 bytes
-// at most): t.TempDir() embeds the test's name and easily passes that.
+// at most): t.TempDir() embeds the test's name and easily passes that. It is removed when the test
+// ends, after the daemons that use it have stopped (their cleanups are registered later, so run
+// first); a daemon that mounts under it unmounts in its own cleanup.
 func shortTempDir(t testing.TB, prefix string) string {
 	t.Helper()
 	base := os.TempDir()
@@ -116,6 +118,11 @@ func shortTempDir(t testing.TB, prefix string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("remove %s: %v", dir, err)
+		}
+	})
 	return dir
 }
 
