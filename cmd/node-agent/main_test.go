@@ -39,7 +39,7 @@ upstreams:
 	if err != nil || c.Listen != "127.0.0.1:5000" || c.DefaultRegistry != "docker.io" {
 		t.Fatalf("defaults: %+v %v", c, err)
 	}
-	c, err = configOf(t, "--config", file, "--tag-ttl", "10s", "--registry", "quay.io",
+	c, err = configOf(t, "--config", file, "--tag-ttl", "10s", "--registry", "quay.io", "--untrusted-hold", "30s", "--peer-upload-slots", "3",
 		"--upstream", "example.test=https://mirror.example", "--upstream", "other.test=http://127.0.0.1:5002")
 	if err != nil {
 		t.Fatal(err)
@@ -49,6 +49,9 @@ upstreams:
 	}
 	if time.Duration(c.TagTTL) != 10*time.Second {
 		t.Errorf("tagTTL %v: the flag did not win", time.Duration(c.TagTTL))
+	}
+	if time.Duration(c.Cache.UntrustedHold) != 30*time.Second || c.Peering.UploadSlots != 3 {
+		t.Errorf("cache.untrustedHold %v, peering.uploadSlots %d: the flags did not win", time.Duration(c.Cache.UntrustedHold), c.Peering.UploadSlots)
 	}
 	if c.Cache.MaxBytes.Bytes != 20<<30 {
 		t.Errorf("cache.maxBytes %+v, want 20GiB", c.Cache.MaxBytes)
@@ -67,6 +70,8 @@ func TestBadArguments(t *testing.T) {
 		{"--cache-max-bytes", "lots"},
 		{"--upstream", "no-equals-sign"},
 		{"--tag-ttl", "soon"},
+		{"--untrusted-hold", "soon"},
+		{"--peer-upload-slots", "one"},
 		{"extra-argument"},
 	} {
 		if _, err := configOf(t, args...); err == nil {

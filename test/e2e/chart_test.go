@@ -58,7 +58,7 @@ func TestHelmChart(t *testing.T) {
 		"default": nil,
 		"custom": {"fullnameOverride=mesh", "agent.cacheMaxBytes=50GiB", "agent.peersResolveTags=true", "agent.nodeSelector.pool=gpu",
 			"peering.existingSecret=cluster-key", "metrics.serviceMonitor.enabled=true", "controller.replicas=2", "agent.extraArgs={--tag-ttl=1m}",
-			"ipfs.kubo.enabled=true", "agent.leasePolicy.enabled=false", "ipfs.kubo.peers={/ip4/10.0.0.9/tcp/4001/p2p/12D3KooWDJairjG2pDATRRpKRdCx1CN3hG58rQHAWCcagKtKAfna}"},
+			"ipfs.kubo.enabled=true", "agent.leasePolicy.enabled=false", "agent.untrustedHold=30s", "peering.encryption=none", "peering.uploadSlots=3", "ipfs.kubo.peers={/ip4/10.0.0.9/tcp/4001/p2p/12D3KooWDJairjG2pDATRRpKRdCx1CN3hG58rQHAWCcagKtKAfna}"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			objs := render(t, helm, ns, set...)
@@ -106,12 +106,19 @@ func TestHelmChart(t *testing.T) {
 			if name == "custom" {
 				if kinds["ServiceMonitor"] != 2 || kinds["Secret"] != 0 || kinds["ConfigMap"] != 1 || !slices.Contains(args, "--peer-resolve-tags") ||
 					!slices.Contains(args, "--cache-max-bytes=50GiB") || !slices.Contains(args, "--tag-ttl=1m") ||
+					!slices.Contains(args, "--untrusted-hold=30s") || !slices.Contains(args, "--peer-encryption=none") ||
+					!slices.Contains(args, "--peer-upload-slots=3") ||
 					kinds["ValidatingAdmissionPolicy"] != 0 || kinds["ValidatingAdmissionPolicyBinding"] != 0 {
 					t.Errorf("custom values not rendered: kinds %v, args %v", kinds, args)
 				}
 			} else {
 				if kinds["Secret"] != 1 {
 					t.Errorf("no peering key Secret rendered")
+				}
+				for _, a := range []string{"--untrusted-hold=2m", "--peer-encryption=tls", "--peer-upload-slots=1"} {
+					if !slices.Contains(args, a) {
+						t.Errorf("default agent args %v lack %s", args, a)
+					}
 				}
 				if kinds["ValidatingAdmissionPolicy"] != 1 || kinds["ValidatingAdmissionPolicyBinding"] != 1 {
 					t.Errorf("no agent Lease policy and binding rendered: kinds %v", kinds)
