@@ -6,7 +6,9 @@
 //
 // With -peer-get, it is instead the peer counterpart of curl -o /dev/null: a peering node of its own
 // that joins the cluster through -bootstrap, fetches the blob through the peers' Source (the DHT, then
-// the blob protocol, as an agent does), drops the bytes, and prints how many and how long it took.
+// the blob protocol, as an agent does), drops the bytes, and prints how many, how long they took from
+// the provider's answer to the last byte (what curl's time_total is for one HTTP request), and how
+// long the provider lookup before them took (a fixed cost a blob, whatever its size).
 //
 //	blobref -peer-get sha256:… -key swarm.key -encryption tls -listen /ip4/10.77.0.2/tcp/5009 -bootstrap /ip4/10.77.0.1/tcp/5001/p2p/12D3Koo…
 package main
@@ -108,8 +110,9 @@ func selfSigned() (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
-// getFromPeers fetches d from the cluster as an agent's peer source does, and prints "BYTES SECONDS",
-// the seconds counted from the request (the node has joined by then), as curl's time_total is.
+// getFromPeers fetches d from the cluster as an agent's peer source does, and prints "BYTES SECONDS
+// LOOKUP": the transfer's seconds from the provider's answer to the last byte, and the seconds of the
+// provider lookup and request before it (the node has joined by then).
 func getFromPeers(d digest.Digest, keyFile, enc, listen, bootstrap string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -161,10 +164,11 @@ func getFromPeers(d digest.Digest, keyFile, enc, listen, bootstrap string) error
 		time.Sleep(100 * time.Millisecond)
 	}
 	defer func() { _ = c.Close() }()
+	answered := time.Now()
 	got, err := io.CopyBuffer(struct{ io.Writer }{io.Discard}, c, make([]byte, 1<<20))
 	if err != nil {
 		return fmt.Errorf("read %s from peers: %w", d, err)
 	}
-	fmt.Printf("%d %.6f\n", got, time.Since(start).Seconds())
+	fmt.Printf("%d %.6f %.6f\n", got, time.Since(answered).Seconds(), answered.Sub(start).Seconds())
 	return nil
 }
