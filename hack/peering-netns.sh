@@ -345,7 +345,7 @@ warm_blob() {
       pids+=($!)
       start_node 2 $(peer_args 2) "${enc_args[@]}" --bootstrap "$(node1_addr)"
       wait_peers 2 1
-      for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_provide_duration_seconds_count 'result="ok"')" -ge 3 ] && break; sleep 0.05; done
+      for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] && break; sleep 0.05; done
       for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
       https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
       http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")

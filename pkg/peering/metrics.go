@@ -1,8 +1,10 @@
 package peering
 
 import (
+	"context"
 	"time"
 
+	"github.com/libp2p/go-libp2p-kad-dht/provider"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -49,7 +51,7 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 9),
 		}, []string{"result"}),
 		provideDropped: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "imagemesh_peering_announcements_dropped_total", Help: "Announcements dropped because the queue was full; the next reprovide round covers them.",
+			Name: "imagemesh_peering_announcements_dropped_total", Help: "Announcements of content being fetched dropped because the queue was full; the blob is announced when it is committed.",
 		}),
 		servedBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imagemesh_peering_served_bytes_total", Help: "Blob bytes sent to other nodes.",
@@ -84,7 +86,7 @@ func newMetrics() *metrics {
 	return m
 }
 
-func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uploadSlots) {
+func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uploadSlots, sweep *provider.SweepingProvider) {
 	if reg != nil {
 		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imagemesh_peering_peers", Help: "Peers connected.",
@@ -93,7 +95,7 @@ func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uplo
 			Name: "imagemesh_peering_uploads", Help: "Blob streams being sent to peers now.",
 		}, func() float64 { return float64(uploads.inUse()) })
 		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer,
-			m.throughRefused, m.limitRefused, m.slotRefused, peers, sending)
+			m.throughRefused, m.limitRefused, m.slotRefused, peers, sending, sweepCollector{sweep})
 	}
 }
 
@@ -103,4 +105,32 @@ func (m *metrics) observe(h *prometheus.HistogramVec, start time.Time, err error
 		result = "error"
 	}
 	h.WithLabelValues(result).Observe(time.Since(start).Seconds())
+}
+
+// sweepCollector reports what the sweeping provider did, from its own statistics, at scrape time.
+type sweepCollector struct{ sweep *provider.SweepingProvider }
+
+var (
+	sweepKeys = prometheus.NewDesc("imagemesh_peering_reprovide_keys",
+		"Digests the node reprovides every reprovide interval.", nil, nil)
+	sweepProvided = prometheus.NewDesc("imagemesh_peering_keys_provided_total",
+		"Digests provided or reprovided by the sweeping provider.", nil, nil)
+	sweepFailed = prometheus.NewDesc("imagemesh_peering_keys_provide_failed_total",
+		"Digests the sweeping provider failed to provide; it retries them.", nil, nil)
+)
+
+func (c sweepCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- sweepKeys
+	ch <- sweepProvided
+	ch <- sweepFailed
+}
+
+func (c sweepCollector) Collect(ch chan<- prometheus.Metric) {
+	st, err := c.sweep.Stats(context.Background())
+	if err != nil {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(sweepKeys, prometheus.GaugeValue, float64(st.Schedule.Keys))
+	ch <- prometheus.MustNewConstMetric(sweepProvided, prometheus.CounterValue, float64(st.Operations.Past.KeysProvided))
+	ch <- prometheus.MustNewConstMetric(sweepFailed, prometheus.CounterValue, float64(st.Operations.Past.KeysFailed))
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p-kad-dht/provider"
 	"github.com/libp2p/go-libp2p-kad-dht/records"
 	kb "github.com/libp2p/go-libp2p-kbucket"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -77,11 +78,11 @@ type Options struct {
 	Bootstrap []string
 	// Store is served to peers and fills the provider records.
 	Store *content.Store
-	// ReprovideInterval re-announces every blob of the store; provider records live twice as long.
-	// Default 10m.
+	// ReprovideInterval re-announces every blob of the store, one keyspace region after the other
+	// (go-libp2p-kad-dht's sweeping provider); provider records live twice as long. Default 10m.
 	ReprovideInterval time.Duration
-	// ProvideRate bounds announcements per second, so that a node with tens of thousands of blobs
-	// does not flood the network. Default 50.
+	// ProvideRate bounds the announcements per second of content this node starts fetching, which
+	// go out one at a time, at once, so that peers find a blob while it is still arriving. Default 50.
 	ProvideRate int
 	// FetchThrough, if set, lets peers ask this node to fetch a blob from its own trusted sources and
 	// stream it as it arrives. It must not ask peers in turn.
@@ -119,8 +120,8 @@ type Node struct {
 	bad     *badPeers
 	through *fetchThroughLimit
 	uploads *uploadSlots
-	urgent  chan digest.Digest // new content, announced first
-	queue   chan digest.Digest // reprovide rounds
+	urgent  chan digest.Digest // content being fetched, announced at once
+	sweep   *provider.SweepingProvider
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -243,6 +244,22 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close())
 	}
+	sweep, err := provider.New(
+		provider.WithHost(h),
+		provider.WithRouter(kad),
+		provider.WithMessageSender(kad.MessageSender()),
+		provider.WithSelfAddrs(h.Addrs),
+		provider.WithAddLocalRecord(func(ctx context.Context, key mh.Multihash) error {
+			return kad.ProviderStore().AddProvider(ctx, key, peer.AddrInfo{ID: h.ID()})
+		}),
+		provider.WithReprovideInterval(opts.ReprovideInterval),
+		// A region may be reprovided this late (the schedule shifts as regions split and merge):
+		// its records, which live 2 intervals, must not expire meanwhile.
+		provider.WithMaxReprovideDelay(opts.ReprovideInterval/2),
+	)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("peering: start the provider: %w", err), kad.Close(), h.Close())
+	}
 	n := &Node{
 		opts:    opts,
 		host:    h,
@@ -253,9 +270,9 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 		through: newFetchThroughLimit(opts.MaxFetchThroughPerPeer, opts.MaxFetchThrough),
 		uploads: newUploadSlots(opts.UploadSlots),
 		urgent:  make(chan digest.Digest, 4096),
-		queue:   make(chan digest.Digest, 1024),
+		sweep:   sweep,
 	}
-	m.register(opts.Registerer, h, n.uploads)
+	m.register(opts.Registerer, h, n.uploads, sweep)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(blobProtocol, n.serve(n.serveBlob))
 	h.SetStreamHandler(tagProtocol, n.serve(n.serveTag))
@@ -268,7 +285,7 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 	n.wg.Add(4)
 	go n.announceLoop(events)
 	go n.provideLoop()
-	go n.reprovideLoop()
+	go n.provideStored()
 	go n.discoverLoop()
 	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "member", opts.PSK != nil, "encryption", encryptionName(opts))
 	return n, nil
@@ -321,20 +338,26 @@ func (n *Node) Connect(ctx context.Context, addr string) error {
 	return n.host.Connect(ctx, infos[0])
 }
 
-// announceLoop announces what the store starts fetching (readable in flight from then on) and what
-// it commits. Removals need nothing: the provider records of a blob the node stopped reproviding
-// expire.
+// announceLoop announces what the store starts fetching (readable in flight from then on), has the
+// sweeping provider reprovide what it commits, and stops reproviding what it removes: that blob's
+// records expire.
 func (n *Node) announceLoop(events <-chan content.Event) {
 	defer n.wg.Done()
 	for ev := range events {
-		if ev.Kind == content.EventFetching || ev.Kind == content.EventCommitted {
+		switch ev.Kind {
+		case content.EventFetching:
 			n.Announce(ev.Digest)
+		case content.EventCommitted:
+			n.keep(ev.Digest)
+		case content.EventRemoved:
+			n.forget(ev.Digest)
 		}
 	}
 }
 
-// Announce queues d to be provided, ahead of reprovide rounds. It never blocks: when the queue is
-// full, the next reprovide round covers what was dropped.
+// Announce queues d to be provided at once, one digest at a time: peers find the blob while it is
+// still arriving, which a region of the sweeping provider's would delay. It never blocks: when the
+// queue is full, d is provided when it is committed.
 func (n *Node) Announce(d digest.Digest) {
 	select {
 	case n.urgent <- d:
@@ -348,7 +371,7 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
 		n.wg.Wait()
-		n.closeErr = errors.Join(n.dht.Close(), n.host.Close())
+		n.closeErr = errors.Join(n.sweep.Close(), n.dht.Close(), n.host.Close())
 	})
 	return n.closeErr
 }
@@ -357,8 +380,7 @@ func (n *Node) Close() error {
 // RPCs, mostly waiting on the network.
 const provideWorkers = 4
 
-// provideLoop announces queued digests, new content first, at most ProvideRate a second, so that a
-// node with tens of thousands of blobs spreads its announcements instead of flooding the cluster.
+// provideLoop announces the content this node starts fetching, at most ProvideRate a second.
 func (n *Node) provideLoop() {
 	defer n.wg.Done()
 	tick := time.NewTicker(time.Second / time.Duration(n.opts.ProvideRate))
@@ -372,13 +394,6 @@ func (n *Node) provideLoop() {
 		case <-n.ctx.Done():
 			return
 		case d = <-n.urgent:
-		default:
-			select {
-			case <-n.ctx.Done():
-				return
-			case d = <-n.urgent:
-			case d = <-n.queue:
-			}
 		}
 		select {
 		case <-n.ctx.Done():
@@ -409,40 +424,69 @@ func (n *Node) provideLoop() {
 	}
 }
 
-func (n *Node) reprovideLoop() {
+// provideStored hands every blob the store holds at start to the sweeping provider. A node that
+// restarts holds blobs nobody knows of: their records lived in the other nodes' memory and have
+// expired or will. The provider announces them as soon as it is online, region by region (one DHT
+// lookup a region, not one a digest), then again every ReprovideInterval.
+func (n *Node) provideStored() {
 	defer n.wg.Done()
-	// A node that restarts holds blobs nobody knows of: its provider records lived in the other
-	// nodes' memory and have expired or will. It announces them as soon as it has someone to tell,
-	// not one whole interval later.
-	for first := time.NewTicker(time.Second); n.dht.RoutingTable().Size() == 0; {
-		select {
-		case <-n.ctx.Done():
-			first.Stop()
-			return
-		case <-first.C:
+	const batch = 1024
+	keys := make([]mh.Multihash, 0, batch)
+	flush := func() {
+		if err := n.sweep.StartProviding(false, keys...); err != nil && n.ctx.Err() == nil {
+			n.log.Warn("reprovide: hand stored blobs to the provider", "err", err)
 		}
+		keys = keys[:0]
 	}
-	tick := time.NewTicker(n.opts.ReprovideInterval)
-	defer tick.Stop()
-	for {
-		// Blobs evicted since the last round are not in the walk: their records expire.
-		err := n.opts.Store.Walk(func(info content.Info) error {
-			select {
-			case n.queue <- info.Digest:
-				return nil
-			case <-n.ctx.Done():
-				return n.ctx.Err()
-			}
-		})
-		if err != nil && n.ctx.Err() == nil {
-			n.log.Warn("reprovide: walk the content store", "err", err)
+	err := n.opts.Store.Walk(func(info content.Info) error {
+		if err := n.ctx.Err(); err != nil {
+			return err
 		}
-		select {
-		case <-n.ctx.Done():
-			return
-		case <-tick.C:
+		if key, err := digestKey(info.Digest); err == nil {
+			keys = append(keys, key)
 		}
+		if len(keys) == batch {
+			flush()
+		}
+		return nil
+	})
+	if err != nil && n.ctx.Err() == nil {
+		n.log.Warn("reprovide: walk the content store", "err", err)
 	}
+	if len(keys) > 0 && n.ctx.Err() == nil {
+		flush()
+	}
+}
+
+// keep has the sweeping provider provide d, if it is new to it, and reprovide it from then on.
+func (n *Node) keep(d digest.Digest) {
+	key, err := digestKey(d)
+	if err != nil {
+		return
+	}
+	if err := n.sweep.StartProviding(false, key); err != nil && n.ctx.Err() == nil {
+		n.log.Warn("reprovide: add a blob", "digest", d, "err", err)
+	}
+}
+
+// forget stops reproviding d, which the store removed.
+func (n *Node) forget(d digest.Digest) {
+	key, err := digestKey(d)
+	if err != nil {
+		return
+	}
+	if err := n.sweep.StopProviding(key); err != nil && n.ctx.Err() == nil {
+		n.log.Warn("reprovide: drop a removed blob", "digest", d, "err", err)
+	}
+}
+
+// digestKey is d's multihash, the key of its provider records.
+func digestKey(d digest.Digest) (mh.Multihash, error) {
+	c, err := DigestCID(d)
+	if err != nil {
+		return nil, err
+	}
+	return c.Hash(), nil
 }
 
 // DigestCID is the DHT key of a digest: a CIDv1 with the raw codec over the digest's own multihash,

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"os"
@@ -405,4 +406,83 @@ func TestResumePastWhatAProviderHasIsRefused(t *testing.T) {
 		t.Fatalf("read: %v", err)
 	}
 	c.Close()
+}
+
+// A node that starts holding blobs (as after a restart) provides them all, without any fetch
+// announcing them, and keeps reproviding exactly what its store holds: a blob committed later is
+// added, a removed one dropped, so that its records expire.
+func TestStoredBlobsAreProvidedWhileHeld(t *testing.T) {
+	psk := testKey(t)
+	store, err := content.Open(t.TempDir(), content.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	var held []digest.Digest
+	for i := range 300 {
+		data := fmt.Appendf(nil, "held %d", i)
+		d := digest.FromBytes(data)
+		if err := store.Put(d, data); err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, d)
+	}
+	other := testNode(t, psk)
+	reg := prometheus.NewRegistry()
+	holder := testNodeWith(t, psk, func(o *Options) { o.Store = store; o.Registerer = reg }, other.Addrs()[0])
+	waitRouting(t, other, holder)
+
+	found := func(d digest.Digest) bool {
+		t.Helper()
+		c, err := DigestCID(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		for info := range other.dht.FindProvidersAsync(ctx, c, 1) {
+			if info.ID == holder.ID() {
+				return true
+			}
+		}
+		return false
+	}
+	reprovided := func() float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "imagemesh_peering_reprovide_keys" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no imagemesh_peering_reprovide_keys")
+		return 0
+	}
+	eventually := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !ok(); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 30s: %s", what)
+			}
+		}
+	}
+	eventually("the held blobs are not all reprovided", func() bool { return reprovided() == 300 })
+	for _, d := range []digest.Digest{held[0], held[150], held[299]} {
+		eventually("no provider record of "+string(d), func() bool { return found(d) })
+	}
+
+	data := []byte("committed after the start")
+	late := digest.FromBytes(data)
+	if err := store.Put(late, data); err != nil {
+		t.Fatal(err)
+	}
+	eventually("the blob committed later is not provided", func() bool { return found(late) })
+	eventually("the blob committed later is not reprovided", func() bool { return reprovided() == 301 })
+	if err := store.Delete(held[0]); err != nil {
+		t.Fatal(err)
+	}
+	eventually("the removed blob is still reprovided", func() bool { return reprovided() == 300 })
 }

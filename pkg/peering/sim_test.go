@@ -55,7 +55,7 @@ type simConfig struct {
 	Lookups     int           // provide+find samples (LOOKUPS, default 200)
 	Held        int           // digests held by each reprovide node (HELD, default 50000)
 	HeldNodes   int           // nodes that hold Held digests (HELD_NODES, default 2)
-	HeldWindow  time.Duration // how long their reprovide walk is watched (HELD_WINDOW, default 30s)
+	HeldWindow  time.Duration // how long their first sweep is watched at most (HELD_WINDOW, default 2m)
 	BlobSize    int           // bytes of each cold blob (BLOB, default 2 MiB)
 	ColdRounds  int           // cold blobs, one after the other (COLD_ROUNDS, default 2)
 	RegLatency  time.Duration // the registry's time to first byte (REGISTRY_LATENCY, default 50ms)
@@ -68,7 +68,7 @@ func simConfigFromEnv(tb testing.TB) simConfig {
 	c := simConfig{
 		Nodes: []int{100, 300, 1000}, Latency: time.Millisecond, Bandwidth: 125e6, Bootstrap: 8, Starters: 16,
 		Settle: 10 * time.Second, Digests: 200, Lookups: 200, Held: 50000, HeldNodes: 2,
-		HeldWindow: 30 * time.Second, BlobSize: 2 << 20, ColdRounds: 2, RegLatency: 50 * time.Millisecond,
+		HeldWindow: 2 * time.Minute, BlobSize: 2 << 20, ColdRounds: 2, RegLatency: 50 * time.Millisecond,
 		RegRate: 50e6,
 	}
 	env := func(name string, set func(string) error) {
@@ -699,13 +699,13 @@ type heldStats struct {
 
 func (s heldStats) String() string {
 	walk := time.Duration(float64(s.digests) / max(s.ratePerNode, 1e-9) * float64(time.Second))
-	return fmt.Sprintf("%d nodes holding %d digests each: %.1f announcements/s a node over %s (ProvideRate %d), %.1f DHT requests each; a whole reprovide walk takes %s (ReprovideInterval %s, records live %s)",
-		s.nodes, s.digests, s.ratePerNode, s.window, DefaultProvideRate, s.msgsPerAnnounc,
+	return fmt.Sprintf("%d nodes holding %d digests each: %.1f announcements/s a node over %s, %.1f DHT requests each; a whole reprovide sweep takes %s (ReprovideInterval %s, records live %s)",
+		s.nodes, s.digests, s.ratePerNode, s.window, s.msgsPerAnnounc,
 		walk.Round(time.Second), DefaultReprovideInterval, 2*DefaultReprovideInterval)
 }
 
 // heldDigests starts HeldNodes more nodes, each with a store that holds Held tiny blobs from a previous
-// run, as after a restart: their reprovide walk announces every one, at the provide loop's rate.
+// run, as after a restart: their sweeping provider announces every one, region by region.
 func (c *simCluster) heldDigests(ctx context.Context, b *testing.B) (heldStats, error) {
 	cfg := c.cfg
 	s := heldStats{nodes: cfg.HeldNodes, digests: cfg.Held, window: cfg.HeldWindow}
@@ -738,15 +738,29 @@ func (c *simCluster) heldDigests(ctx context.Context, b *testing.B) (heldStats, 
 		for n.dht.RoutingTable().Size() == 0 {
 			time.Sleep(10 * time.Millisecond)
 		}
-		start[i] = mark{providesDone(b, n), n.kadSent.Load()}
+		start[i] = mark{keysProvided(b, n), n.kadSent.Load()}
 	}
-	time.Sleep(cfg.HeldWindow)
+	// Until every node has provided all it holds (a sweep can finish well inside the window), or
+	// the window ends.
+	begin := time.Now()
+	done := func() bool {
+		for i, n := range c.held {
+			if keysProvided(b, n)-start[i].provides < uint64(cfg.Held) {
+				return false
+			}
+		}
+		return true
+	}
+	for !done() && time.Since(begin) < cfg.HeldWindow {
+		time.Sleep(250 * time.Millisecond)
+	}
+	s.window = time.Since(begin)
 	var provides, sent float64
 	for i, n := range c.held {
-		provides += float64(providesDone(b, n) - start[i].provides)
+		provides += float64(keysProvided(b, n) - start[i].provides)
 		sent += float64(n.kadSent.Load() - start[i].sent)
 	}
-	s.ratePerNode = provides / float64(len(c.held)) / cfg.HeldWindow.Seconds()
+	s.ratePerNode = provides / float64(len(c.held)) / s.window.Seconds()
 	s.msgsPerAnnounc = sent / max(provides, 1)
 	return s, nil
 }
@@ -767,22 +781,13 @@ func writeHeldBlobs(dir string, seed, count int) error {
 	return nil
 }
 
-// providesDone is how many announcements the node has completed, from its provide-duration metric.
-func providesDone(b *testing.B, n *simNode) uint64 {
-	mfs, err := n.reg.Gather()
+// keysProvided is how many digests the node's sweeping provider has provided, reprovides included.
+func keysProvided(b *testing.B, n *simNode) uint64 {
+	st, err := n.sweep.Stats(context.Background())
 	if err != nil {
-		b.Fatalf("sim: gather metrics: %v", err)
+		b.Fatalf("sim: provider statistics: %v", err)
 	}
-	var count uint64
-	for _, mf := range mfs {
-		if mf.GetName() != "imagemesh_peering_provide_duration_seconds" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			count += m.GetHistogram().GetSampleCount()
-		}
-	}
-	return count
+	return uint64(st.Operations.Past.KeysProvided)
 }
 
 // coldStats is what a cold blob costs when every node asks for it at once.

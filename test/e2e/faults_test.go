@@ -405,7 +405,7 @@ func TestPeerClaimsWrongSize(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitMetric(t, n1, float64(len(announced)), "imagemesh_peering_provide_duration_seconds_count", `result="ok"`)
+	waitMetric(t, n1, float64(len(announced)), "imagemesh_peering_keys_provided_total")
 	c2 := testenv.StartContainerd(t, testenv.Containerd16, hosts2)
 	if out, err := c2.CtrPull(ctx(t), image); err != nil {
 		t.Fatalf("pull on node 2 with a peer that claims wrong sizes: %v\n%s", err, out)
