@@ -249,6 +249,10 @@ func (n *Node) serveTag(s network.Stream) error {
 // handed on: manifests and small blobs cost nothing to hold, and a bad peer is then skipped at once.
 const verifyLimit = source.MaxManifestSize
 
+// DefaultBusyWait is Source.BusyWait's default: with the search, well inside the 30 s that containerd
+// gives a mirror to answer.
+const DefaultBusyWait = 15 * time.Second
+
 // Source is the peers of the cluster as a source.Source. Peers answer for digests; they answer tag
 // lookups (from what they resolved themselves) only when the chain links this source with TagFallback.
 type Source struct {
@@ -258,8 +262,7 @@ type Source struct {
 	// MaxProviders bounds how many providers are tried for one digest in a round. Default 20.
 	MaxProviders int
 	// BusyWait bounds how long providers that are busy (their upload slots for the blob taken) are
-	// asked again before the node goes to its next source. Default 15s: with the search, well inside
-	// the 30 s that containerd gives a mirror to answer.
+	// asked again before the node goes to its next source. Default DefaultBusyWait.
 	BusyWait time.Duration
 	// TagsAllowed, if set, says for which registry hosts peers may answer tag lookups; otherwise the
 	// chain's link decides alone.
@@ -268,7 +271,7 @@ type Source struct {
 
 // Source returns the node's peers as a source.
 func (n *Node) Source() *Source {
-	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 20, BusyWait: 15 * time.Second}
+	return &Source{node: n, FindTimeout: 3 * time.Second, MaxProviders: 20, BusyWait: DefaultBusyWait}
 }
 
 // Name labels the source in metrics and logs.

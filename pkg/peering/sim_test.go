@@ -10,6 +10,7 @@ package peering
 // the table. Knobs, all optional, through the environment (see simConfigFromEnv).
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -61,6 +62,11 @@ type simConfig struct {
 	RegLatency  time.Duration // the registry's time to first byte (REGISTRY_LATENCY, default 50ms)
 	RegRate     float64       // the registry's bytes/s per request (REGISTRY_RATE, default 50e6)
 	UploadSlots int           // Options.UploadSlots (UPLOAD_SLOTS, default: New's)
+	// BusyWait is the peer source's Source.BusyWait (BUSY_WAIT, default: Source's). The protocol's
+	// waits are wall-clock: at 1,000 nodes on a few cores every message takes far longer than on
+	// nodes of their own, and a longer wait shows what the protocol does when CPU is not the limit.
+	BusyWait    time.Duration
+	ColdTimeout time.Duration // how long each node may take for a cold blob (COLD_TIMEOUT, default 5m)
 }
 
 func simConfigFromEnv(tb testing.TB) simConfig {
@@ -69,7 +75,7 @@ func simConfigFromEnv(tb testing.TB) simConfig {
 		Nodes: []int{100, 300, 1000}, Latency: time.Millisecond, Bandwidth: 125e6, Bootstrap: 8, Starters: 16,
 		Settle: 10 * time.Second, Digests: 200, Lookups: 200, Held: 50000, HeldNodes: 2,
 		HeldWindow: 2 * time.Minute, BlobSize: 2 << 20, ColdRounds: 2, RegLatency: 50 * time.Millisecond,
-		RegRate: 50e6,
+		RegRate: 50e6, ColdTimeout: 5 * time.Minute,
 	}
 	env := func(name string, set func(string) error) {
 		if v := os.Getenv("IMAGEMESH_SIM_" + name); v != "" {
@@ -113,6 +119,8 @@ func simConfigFromEnv(tb testing.TB) simConfig {
 	env("REGISTRY_LATENCY", dur(&c.RegLatency))
 	env("REGISTRY_RATE", float(&c.RegRate))
 	env("UPLOAD_SLOTS", integer(&c.UploadSlots))
+	env("BUSY_WAIT", dur(&c.BusyWait))
+	env("COLD_TIMEOUT", dur(&c.ColdTimeout))
 	return c
 }
 
@@ -123,9 +131,9 @@ func simConfigFromEnv(tb testing.TB) simConfig {
 func BenchmarkCluster(b *testing.B) {
 	cfg := simConfigFromEnv(b)
 	fmt.Printf("sim: mocknet links %s one way, %.0f Mbit/s each (per link, not per node: a node's uplink is not shared among its links); "+
-		"registry %s to first byte, %.0f Mbit/s a request; cold blob %d KiB; %d bootstrap peers a node; upload slots %s; GOMAXPROCS %d\n",
+		"registry %s to first byte, %.0f Mbit/s a request; cold blob %d KiB; %d bootstrap peers a node; upload slots %s; busy wait %s; cold blob timeout %s; GOMAXPROCS %d\n",
 		cfg.Latency, cfg.Bandwidth*8/1e6, cfg.RegLatency, cfg.RegRate*8/1e6, cfg.BlobSize>>10, cfg.Bootstrap,
-		uploadSlotsLabel(cfg), runtime.GOMAXPROCS(0))
+		uploadSlotsLabel(cfg), cmp.Or(cfg.BusyWait, DefaultBusyWait), cfg.ColdTimeout, runtime.GOMAXPROCS(0))
 	var rows []simResult
 	for _, n := range cfg.Nodes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
@@ -333,8 +341,12 @@ func (c *simCluster) start(ctx context.Context, h host.Host, dir string, bootstr
 		return nil, errors.Join(fmt.Errorf("sim: node on %s: %w", h.ID(), err), store.Close())
 	}
 	sn.Node = n
+	peers := n.Source()
+	if c.cfg.BusyWait > 0 {
+		peers.BusyWait = c.cfg.BusyWait
+	}
 	sn.chain = source.NewChain(
-		source.Link{Source: &simPeers{Source: n.Source(), n: sn}},
+		source.Link{Source: &simPeers{Source: peers, n: sn}},
 		source.Link{Source: simRegistryView{simRegistry: c.reg}, ResolveTags: true},
 	)
 	return sn, nil
@@ -850,7 +862,7 @@ func (c *simCluster) coldStart(round int) (coldStats, error) {
 			defer wg.Done()
 			<-gate
 			start := time.Now()
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ColdTimeout)
 			defer cancel()
 			var first string
 			var once sync.Once
