@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p-kad-dht/provider"
+	"github.com/libp2p/go-libp2p-kad-dht/provider/stats"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -86,7 +87,7 @@ func newMetrics() *metrics {
 	return m
 }
 
-func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uploadSlots, sweep *provider.SweepingProvider) {
+func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uploadSlots, sweep func() *provider.SweepingProvider) {
 	if reg != nil {
 		peers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imagemesh_peering_peers", Help: "Peers connected.",
@@ -107,8 +108,11 @@ func (m *metrics) observe(h *prometheus.HistogramVec, start time.Time, err error
 	h.WithLabelValues(result).Observe(time.Since(start).Seconds())
 }
 
-// sweepCollector reports what the sweeping provider did, from its own statistics, at scrape time.
-type sweepCollector struct{ sweep *provider.SweepingProvider }
+// sweepCollector reports what the sweeping provider did, from its own statistics, at scrape time;
+// zeros before it has started.
+type sweepCollector struct {
+	sweep func() *provider.SweepingProvider
+}
 
 var (
 	sweepKeys = prometheus.NewDesc("imagemesh_peering_reprovide_keys",
@@ -126,9 +130,12 @@ func (c sweepCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c sweepCollector) Collect(ch chan<- prometheus.Metric) {
-	st, err := c.sweep.Stats(context.Background())
-	if err != nil {
-		return
+	var st stats.Stats
+	if sweep := c.sweep(); sweep != nil {
+		var err error
+		if st, err = sweep.Stats(context.Background()); err != nil {
+			return
+		}
 	}
 	ch <- prometheus.MustNewConstMetric(sweepKeys, prometheus.GaugeValue, float64(st.Schedule.Keys))
 	ch <- prometheus.MustNewConstMetric(sweepProvided, prometheus.CounterValue, float64(st.Operations.Past.KeysProvided))

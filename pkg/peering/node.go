@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/distribution/reference"
@@ -121,10 +122,11 @@ type Node struct {
 	through *fetchThroughLimit
 	uploads *uploadSlots
 	urgent  chan digest.Digest // content being fetched, announced at once
-	sweep   *provider.SweepingProvider
-	ctx     context.Context
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	// sweep reprovides what the store holds; nil until the node first has a peer.
+	sweep  atomic.Pointer[provider.SweepingProvider]
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
 	discover  []Discoverer
 	closeOnce sync.Once
@@ -244,22 +246,6 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close())
 	}
-	sweep, err := provider.New(
-		provider.WithHost(h),
-		provider.WithRouter(kad),
-		provider.WithMessageSender(kad.MessageSender()),
-		provider.WithSelfAddrs(h.Addrs),
-		provider.WithAddLocalRecord(func(ctx context.Context, key mh.Multihash) error {
-			return kad.ProviderStore().AddProvider(ctx, key, peer.AddrInfo{ID: h.ID()})
-		}),
-		provider.WithReprovideInterval(opts.ReprovideInterval),
-		// A region may be reprovided this late (the schedule shifts as regions split and merge):
-		// its records, which live 2 intervals, must not expire meanwhile.
-		provider.WithMaxReprovideDelay(opts.ReprovideInterval/2),
-	)
-	if err != nil {
-		return nil, errors.Join(fmt.Errorf("peering: start the provider: %w", err), kad.Close(), h.Close())
-	}
 	n := &Node{
 		opts:    opts,
 		host:    h,
@@ -270,9 +256,8 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 		through: newFetchThroughLimit(opts.MaxFetchThroughPerPeer, opts.MaxFetchThrough),
 		uploads: newUploadSlots(opts.UploadSlots),
 		urgent:  make(chan digest.Digest, 4096),
-		sweep:   sweep,
 	}
-	m.register(opts.Registerer, h, n.uploads, sweep)
+	m.register(opts.Registerer, h, n.uploads, n.sweep.Load)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(blobProtocol, n.serve(n.serveBlob))
 	h.SetStreamHandler(tagProtocol, n.serve(n.serveTag))
@@ -371,7 +356,11 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
 		n.wg.Wait()
-		n.closeErr = errors.Join(n.sweep.Close(), n.dht.Close(), n.host.Close())
+		var sweepErr error
+		if sweep := n.sweep.Load(); sweep != nil {
+			sweepErr = sweep.Close()
+		}
+		n.closeErr = errors.Join(sweepErr, n.dht.Close(), n.host.Close())
 	})
 	return n.closeErr
 }
@@ -424,21 +413,53 @@ func (n *Node) provideLoop() {
 	}
 }
 
-// provideStored hands every blob the store holds at start to the sweeping provider. A node that
-// restarts holds blobs nobody knows of: their records lived in the other nodes' memory and have
-// expired or will. The provider announces them as soon as it is online, region by region (one DHT
-// lookup a region, not one a digest), then again every ReprovideInterval.
+// provideStored starts the sweeping provider once the node has a peer, and hands it every blob the
+// store holds. A node that restarts holds blobs nobody knows of: their records lived in the other
+// nodes' memory and have expired or will. The provider announces them at once, region by region
+// (one DHT lookup a region, not one a digest), then again every ReprovideInterval.
+//
+// Not before the first peer: a provider started alone finds itself offline and probes again with
+// a backoff of up to a minute, and a node that pulled alone (the first node of a cluster) would
+// stay unknown that long after its peers joined.
 func (n *Node) provideStored() {
 	defer n.wg.Done()
+	for first := time.NewTicker(250 * time.Millisecond); n.dht.RoutingTable().Size() == 0; {
+		select {
+		case <-n.ctx.Done():
+			first.Stop()
+			return
+		case <-first.C:
+		}
+	}
+	sweep, err := provider.New(
+		provider.WithHost(n.host),
+		provider.WithRouter(n.dht),
+		provider.WithMessageSender(n.dht.MessageSender()),
+		provider.WithSelfAddrs(n.host.Addrs),
+		provider.WithAddLocalRecord(func(ctx context.Context, key mh.Multihash) error {
+			return n.dht.ProviderStore().AddProvider(ctx, key, peer.AddrInfo{ID: n.host.ID()})
+		}),
+		provider.WithReprovideInterval(n.opts.ReprovideInterval),
+		// A region may be reprovided this late (the schedule shifts as regions split and merge):
+		// its records, which live 2 intervals, must not expire meanwhile.
+		provider.WithMaxReprovideDelay(n.opts.ReprovideInterval/2),
+	)
+	if err != nil {
+		n.log.Error("reprovide: start the provider; held blobs are announced only when fetched", "err", err)
+		return
+	}
+	// Blobs committed or removed from here on reach the provider through keep and forget; the
+	// walk below covers what the store held before.
+	n.sweep.Store(sweep)
 	const batch = 1024
 	keys := make([]mh.Multihash, 0, batch)
 	flush := func() {
-		if err := n.sweep.StartProviding(false, keys...); err != nil && n.ctx.Err() == nil {
+		if err := sweep.StartProviding(false, keys...); err != nil && n.ctx.Err() == nil {
 			n.log.Warn("reprovide: hand stored blobs to the provider", "err", err)
 		}
 		keys = keys[:0]
 	}
-	err := n.opts.Store.Walk(func(info content.Info) error {
+	err = n.opts.Store.Walk(func(info content.Info) error {
 		if err := n.ctx.Err(); err != nil {
 			return err
 		}
@@ -460,22 +481,24 @@ func (n *Node) provideStored() {
 
 // keep has the sweeping provider provide d, if it is new to it, and reprovide it from then on.
 func (n *Node) keep(d digest.Digest) {
+	sweep := n.sweep.Load()
 	key, err := digestKey(d)
-	if err != nil {
-		return
+	if sweep == nil || err != nil {
+		return // before the first peer, provideStored's walk covers it
 	}
-	if err := n.sweep.StartProviding(false, key); err != nil && n.ctx.Err() == nil {
+	if err := sweep.StartProviding(false, key); err != nil && n.ctx.Err() == nil {
 		n.log.Warn("reprovide: add a blob", "digest", d, "err", err)
 	}
 }
 
 // forget stops reproviding d, which the store removed.
 func (n *Node) forget(d digest.Digest) {
+	sweep := n.sweep.Load()
 	key, err := digestKey(d)
-	if err != nil {
+	if sweep == nil || err != nil {
 		return
 	}
-	if err := n.sweep.StopProviding(key); err != nil && n.ctx.Err() == nil {
+	if err := sweep.StopProviding(key); err != nil && n.ctx.Err() == nil {
 		n.log.Warn("reprovide: drop a removed blob", "digest", d, "err", err)
 	}
 }

@@ -795,7 +795,11 @@ func writeHeldBlobs(dir string, seed, count int) error {
 
 // keysProvided is how many digests the node's sweeping provider has provided, reprovides included.
 func keysProvided(b *testing.B, n *simNode) uint64 {
-	st, err := n.sweep.Stats(context.Background())
+	sweep := n.sweep.Load()
+	if sweep == nil {
+		return 0
+	}
+	st, err := sweep.Stats(context.Background())
 	if err != nil {
 		b.Fatalf("sim: provider statistics: %v", err)
 	}
