@@ -259,11 +259,14 @@ func (ing *ingestion) reader(ctx context.Context, untrusted bool) (rd *Reader, e
 			ing.cond.Wait()
 		}
 		if ing.committed {
+			// The blob this reader waited for came from the fetch's source, committed or not: an
+			// empty blob, which readers get only once it verified, would otherwise be "local" or not
+			// by a race with the rename.
 			f, _, err := ing.s.Open(ing.d)
 			if err != nil {
 				return nil, err
 			}
-			return &Reader{f: f, size: size, source: "local"}, nil
+			return &Reader{f: f, size: size, source: source}, nil
 		}
 		if ing.err != nil {
 			return nil, ing.err
@@ -659,7 +662,8 @@ func (r *Reader) Received() int64 {
 	return r.ing.written
 }
 
-// Source is "local" for a blob the store held, or the source a fetch under way reads from.
+// Source is "local" for a blob the store held when asked, or else the source of the fetch the reader
+// joined, even if that fetch has committed since.
 func (r *Reader) Source() string { return r.source }
 
 // File returns the blob's file when the blob was complete when the reader was made, so that it can be
