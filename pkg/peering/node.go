@@ -423,7 +423,8 @@ func (n *Node) provideLoop() {
 // stay unknown that long after its peers joined.
 func (n *Node) provideStored() {
 	defer n.wg.Done()
-	for first := time.NewTicker(250 * time.Millisecond); n.dht.RoutingTable().Size() == 0; {
+	first := time.NewTicker(250 * time.Millisecond)
+	for n.dht.RoutingTable().Size() == 0 {
 		select {
 		case <-n.ctx.Done():
 			first.Stop()
@@ -431,6 +432,7 @@ func (n *Node) provideStored() {
 		case <-first.C:
 		}
 	}
+	first.Stop()
 	sweep, err := provider.New(
 		provider.WithHost(n.host),
 		provider.WithRouter(n.dht),
@@ -453,18 +455,26 @@ func (n *Node) provideStored() {
 	n.sweep.Store(sweep)
 	const batch = 1024
 	keys := make([]mh.Multihash, 0, batch)
+	held := make([]digest.Digest, 0, batch)
 	flush := func() {
 		if err := sweep.StartProviding(false, keys...); err != nil && n.ctx.Err() == nil {
 			n.log.Warn("reprovide: hand stored blobs to the provider", "err", err)
 		}
-		keys = keys[:0]
+		// A blob removed after the walk read it may have had its forget before the batch went in:
+		// drop it now. One removed later gets its forget after this.
+		for i, d := range held {
+			if _, err := n.opts.Store.Stat(d); errors.Is(err, content.ErrNotFound) {
+				_ = sweep.StopProviding(keys[i])
+			}
+		}
+		keys, held = keys[:0], held[:0]
 	}
 	err = n.opts.Store.Walk(func(info content.Info) error {
 		if err := n.ctx.Err(); err != nil {
 			return err
 		}
 		if key, err := digestKey(info.Digest); err == nil {
-			keys = append(keys, key)
+			keys, held = append(keys, key), append(held, info.Digest)
 		}
 		if len(keys) == batch {
 			flush()
@@ -481,9 +491,8 @@ func (n *Node) provideStored() {
 
 // keep has the sweeping provider provide d, if it is new to it, and reprovide it from then on.
 func (n *Node) keep(d digest.Digest) {
-	sweep := n.sweep.Load()
-	key, err := digestKey(d)
-	if sweep == nil || err != nil {
+	sweep, key, ok := n.sweepKey(d)
+	if !ok {
 		return // before the first peer, provideStored's walk covers it
 	}
 	if err := sweep.StartProviding(false, key); err != nil && n.ctx.Err() == nil {
@@ -493,14 +502,23 @@ func (n *Node) keep(d digest.Digest) {
 
 // forget stops reproviding d, which the store removed.
 func (n *Node) forget(d digest.Digest) {
-	sweep := n.sweep.Load()
-	key, err := digestKey(d)
-	if sweep == nil || err != nil {
+	sweep, key, ok := n.sweepKey(d)
+	if !ok {
 		return
 	}
 	if err := sweep.StopProviding(key); err != nil && n.ctx.Err() == nil {
 		n.log.Warn("reprovide: drop a removed blob", "digest", d, "err", err)
 	}
+}
+
+// sweepKey returns the sweeping provider, once there is one, and d's key in it.
+func (n *Node) sweepKey(d digest.Digest) (*provider.SweepingProvider, mh.Multihash, bool) {
+	sweep := n.sweep.Load()
+	if sweep == nil {
+		return nil, nil, false
+	}
+	key, err := digestKey(d)
+	return sweep, key, err == nil
 }
 
 // digestKey is d's multihash, the key of its provider records.
