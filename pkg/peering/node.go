@@ -108,7 +108,18 @@ type Options struct {
 	MinPeers   int
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
+
+	// fetchThroughWait bounds how long a fetch through waits for the upstream's first answer, and
+	// throughAnswerWait how long an asker waits for the leader's answer to one. Tests shorten them.
+	fetchThroughWait, throughAnswerWait time.Duration
 }
+
+// Defaults of Options.fetchThroughWait and Options.throughAnswerWait: the asker waits for the
+// leader's own wait, and the leader's answer on top.
+const (
+	defaultFetchThroughWait  = 30 * time.Second
+	defaultThroughAnswerWait = 40 * time.Second
+)
 
 // Node is one agent's presence in the cluster.
 type Node struct {
@@ -223,6 +234,12 @@ func (opts Options) withDefaults() Options {
 	}
 	if opts.UploadSlots <= 0 {
 		opts.UploadSlots = DefaultUploadSlots
+	}
+	if opts.fetchThroughWait == 0 {
+		opts.fetchThroughWait = defaultFetchThroughWait
+	}
+	if opts.throughAnswerWait == 0 {
+		opts.throughAnswerWait = defaultThroughAnswerWait
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)

@@ -172,7 +172,7 @@ func (n *Node) serveBlob(s network.Stream) error {
 // now from this node's trusted sources. A fetch through holds a slot of the fetch-through limits
 // until release: the whole time the blob is sent, which is the time the node fetches it for p.
 func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, release func(), err error) {
-	ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+	ctx, cancel := context.WithTimeout(n.ctx, n.opts.fetchThroughWait)
 	defer cancel()
 	rd, err = n.opts.Store.Reader(ctx, req.Digest)
 	if err == nil || !req.Through || req.Stat || n.opts.FetchThrough == nil {
@@ -196,6 +196,14 @@ func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, relea
 		return nil, nil, fmt.Errorf("%s: %w", errBusy, err)
 	}
 	rd, err = n.opts.FetchThrough(ctx, source.Object{Repo: repo, Kind: source.KindBlob, Digest: req.Digest})
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && n.ctx.Err() == nil {
+		if _, _, fetching := n.opts.Store.Fetching(req.Digest); fetching {
+			// The upstream is slow, not failing: the peer asks again rather than fetch the blob
+			// from the upstream too, which would only make it slower.
+			release()
+			return nil, nil, fmt.Errorf("%s: fetch through under way, no answer from the upstream in %s", errBusy, n.opts.fetchThroughWait)
+		}
+	}
 	if err != nil {
 		release()
 		n.log.Debug("fetch for a peer failed", "digest", req.Digest, "repo", req.Repo, "err", err)
@@ -430,7 +438,7 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 			errs = append(errs, err)
 			var b *busyError
 			if !errors.As(err, &b) {
-				if errors.Is(err, errPeerBusy) {
+				if errors.Is(err, errPeerBusy) || timedOut(ctx, err) {
 					busy++
 				}
 				continue
@@ -471,6 +479,21 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 	n.log.Debug("peers failed", "digest", obj.Digest, "kind", obj.Kind, "err", errors.Join(errs...))
 	// Peers that failed are not a verdict on the object: the next source decides.
 	return nil, fmt.Errorf("%w: %w", source.ErrNotFound, errors.Join(errs...))
+}
+
+// timedOut says whether a request failed on a deadline of its own (the dial, identify, the answer)
+// while the caller still waits. A peer that does not answer in time is loaded, like a busy one, not
+// proof that nobody has the blob: it is asked again within BusyWait. When a whole cluster is slow
+// at once (every node pulling on starved CPUs), its nodes then keep waiting on each other rather than
+// all turn to the registry. A dead peer costs little: after a failed dial, libp2p's dial backoff
+// refuses the next one at once.
+func timedOut(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	var timeout interface{ Timeout() bool } // a stream's deadline (yamux's ErrTimeout)
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.As(err, &timeout) && timeout.Timeout()
 }
 
 // maxAsks bounds the peers asked in one round, hints included.
@@ -591,7 +614,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 	// A fetch through waits for the upstream's first answer; a plain one only for the peer's disk.
 	wait := 10 * time.Second
 	if req.Through {
-		wait = 40 * time.Second
+		wait = n.opts.throughAnswerWait
 	}
 	if err := st.SetDeadline(time.Now().Add(wait)); err != nil {
 		_ = st.Reset()

@@ -1,6 +1,7 @@
 package peering
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -160,5 +161,69 @@ func TestBusyProviderNamesItsReceivers(t *testing.T) {
 	}
 	if len(busy.try) != 1 || busy.try[0].ID != b.ID() || len(busy.try[0].Addrs) == 0 {
 		t.Fatalf("the busy answer names %v, want node b (%s) and its addresses", busy.try, b.ID())
+	}
+}
+
+// A leader whose upstream is slow, or whose answer comes later than the asker waits, is loaded, not
+// failing: the node that asked it asks again within its busy wait, and gets the blob the leader
+// fetched (through, or as a provider by then), rather than go to the registry itself. When a whole cluster pulls on starved CPUs, its
+// nodes so keep waiting on each other instead of all turning to the registry at once.
+func TestSlowLeaderIsAskedAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		leader, asker func(*Options)
+	}{
+		{"upstream slower than the leader waits", func(o *Options) { o.fetchThroughWait = 300 * time.Millisecond }, nil},
+		{"leader answers later than the asker waits", nil, func(o *Options) { o.throughAnswerWait = 300 * time.Millisecond }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			psk := testKey(t)
+			data := make([]byte, 256<<10)
+			rand.Read(data)
+			gate := make(chan struct{})
+			var opens atomic.Int32
+			var leader *Node
+			leader = testNodeWith(t, psk, func(o *Options) {
+				if tc.leader != nil {
+					tc.leader(o)
+				}
+				o.FetchThrough = func(ctx context.Context, obj source.Object) (*content.Reader, error) {
+					return leader.opts.Store.Fetch(ctx, obj.Digest, func(_ context.Context, offset int64) (*content.Fetched, error) {
+						opens.Add(1)
+						<-gate // the upstream answers late
+						return &content.Fetched{Body: io.NopCloser(bytes.NewReader(data[offset:])), Size: int64(len(data)),
+							Source: "registry", SizeTrusted: true}, nil
+					})
+				}
+			})
+			asker := testNodeWith(t, psk, tc.asker, leader.Addrs()[0])
+			waitRouting(t, leader, asker)
+			repo, _ := reference.ParseNamed("example.test/team/app")
+			var d digest.Digest
+			for range 1000 {
+				rand.Read(data)
+				d = digest.FromBytes(data)
+				if l, ok := asker.leader(context.Background(), d); ok && l == leader.ID() {
+					break
+				}
+			}
+			time.AfterFunc(1500*time.Millisecond, func() { close(gate) })
+
+			src := asker.Source()
+			src.FindTimeout = 200 * time.Millisecond
+			src.BusyWait = 20 * time.Second
+			got, err := src.Open(context.Background(), source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}, 0)
+			if err != nil {
+				t.Fatalf("asking a slow leader: %v, want the blob once its upstream answered", err)
+			}
+			body, err := io.ReadAll(got)
+			got.Close()
+			if err != nil || !bytes.Equal(body, data) {
+				t.Fatalf("blob from the slow leader: %d bytes of %d, %v", len(body), len(data), err)
+			}
+			if opens.Load() != 1 {
+				t.Fatalf("the upstream was opened %d times, want once", opens.Load())
+			}
+		})
 	}
 }
