@@ -576,12 +576,13 @@ func DigestCID(d digest.Digest) (cid.Cid, error) {
 // header and a window update for every 64 KiB of a layer.
 //
 // The first window stays yamux's 256 KiB. yamux grows it only when updates come back within four
-// round trips, which between two namespaces (tens of microseconds) they rarely do, and a 16 MiB
-// first window took a warm 256 MiB blob from 0.47-0.57 s to 0.42-0.46 s there. But the window is
-// one setting for every stream of a connection, of which yamux reserves 256 KiB from the resource
-// manager: the rest would be memory a peer fills unaccounted, and reserved whole (a refused
-// reservation for an inbound stream closes the connection), a node's DHT streams to hundreds of
-// peers would not fit. Striping a blob over 4 streams instead was slower (0.62-0.80 s).
+// round trips, which between two namespaces (tens of microseconds) they rarely do; yet a 16 MiB
+// first window, and striping a blob over 4 streams, were no faster there on a quiet machine (a warm
+// 256 MiB blob in 0.31-0.56 s either way, 0.26-0.42 s over HTTPS; runs on a loaded machine said
+// otherwise, both ways). A larger window would cost, too: it is one setting for every stream of a
+// connection, of which yamux reserves 256 KiB from the resource manager, and the rest is memory a
+// peer can fill unaccounted; reserved whole (a refused reservation for an inbound stream closes the
+// connection), a node's DHT streams to hundreds of peers would not fit.
 func muxer() *yamux.Transport {
 	cfg := *(*yamuxlib.Config)(yamux.DefaultTransport)
 	cfg.MaxMessageSize = 1 << 20
