@@ -257,7 +257,13 @@ if [ "$mode" = test ]; then
   pull 1 || fail "pull on node 1"
   for i in 2 3; do start_node "$i" $(peer_args "$i") --bootstrap "$(node1_addr)"; done
   for i in 1 2 3; do wait_peers "$i" 2; done
-  log "node 1 pulled; 3 nodes peered"
+  # Node 1 pulled with nobody to tell: it announces what it holds once it has peers (the sweeping
+  # provider starts at the first one), within a second or so. A pull in that second finds no
+  # provider, and with the registry down, fails: wait for the announcements, and hold them to 10 s.
+  for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] && break; sleep 0.05; done
+  [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] ||
+    fail "node 1 announced $(metric 1 imagemesh_peering_keys_provided_total) of the 3 blobs it holds within 10 s of having peers"
+  log "node 1 pulled; 3 nodes peered; node 1 announced what it holds"
 
   # The registry goes away: node 2 pulls by digest from node 1.
   digest_ref="example.test/bench/app@$(inns n1 "$tools/crane" digest --insecure "$up:5000/bench/app:v1")"
