@@ -10,9 +10,9 @@
 #   hack/peering-netns.sh bench   8 nodes start pulling one 256 MiB image at once, upstream link shaped
 #                                 to 200 Mbit/s, peering off then on; then the warm-blob part.
 #   hack/peering-netns.sh warm-blob   only the warm-blob part: a warm 256 MiB blob from node 1 to a
-#                                 fresh node 2 over libp2p, for each peering.encryption setting, against
-#                                 HTTPS (Go's TLS 1.3) and plain HTTP from node 1 on the same link; RUNS
-#                                 times each.
+#                                 fresh node 2 from peers, on a direct connection and on the libp2p
+#                                 stream, for each peering.encryption setting, against HTTPS (Go's TLS
+#                                 1.3) and plain HTTP from node 1 on the same link; RUNS times each.
 #   hack/peering-netns.sh swarm   16 nodes, each running containerd 2.x, start pulling one 128 MiB image
 #                                 at once, the upstream's link AND every node's shaped to 100 Mbit/s:
 #                                 one node alone, peering off, a star (every node may send a blob to
@@ -25,7 +25,9 @@
 # Settings (environment): NODES, SIZE_MIB, UPSTREAM_RATE (tc rate, e.g. 200mbit), NODE_RATE (every
 # node's egress, swarm), RUNS (warm-blob: runs of each, default 3; swarm: tree rounds, default 10),
 # STAR_RUNS, SLOW_RATE, ENCRYPTIONS (the warm-blob part's --peer-encryption values, default
-# "tls none"; "default" passes no flag), IMAGEMESH_TOOLS (directory with registry and crane; default:
+# "tls none"; "default" passes no flag), VIAS (the warm-blob part's ways for the bytes, default
+# "direct stream"), DIRECT=0 (no node has a direct listener; default: every node has one on port
+# 5004), IMAGEMESH_TOOLS (directory with registry and crane; default:
 # built by hack/test-deps.sh), KEEP=1 keeps the work dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,7 +194,10 @@ EOF
   wait_http "n$i" "http://$ip:5000/readyz"
   for _ in $(seq 1 100); do [ -S "$d/containerd.sock" ] && break; sleep 0.05; done
 }
-peer_args() { echo --peer-listen "/ip4/10.77.0.$1/tcp/5001" --peer-key "$key"; }
+peer_args() { # peer_args I: node I's peering flags; with DIRECT=0, no direct listener
+  echo --peer-listen "/ip4/10.77.0.$1/tcp/5001" --peer-key "$key"
+  [ "${DIRECT:-1}" = 0 ] || echo --peer-direct-listen "10.77.0.$1:5004"
+}
 node1_addr() {
   inns n1 curl -fsS "http://10.77.0.1:5000/imagemesh/v1/peer" |
     sed -n 's/.*"id":"\([^"]*\)".*/\/ip4\/10.77.0.1\/tcp\/5001\/p2p\/\1/p'
@@ -271,7 +276,9 @@ if [ "$mode" = test ]; then
   pull 2 "$digest_ref" || fail "pull on node 2 with the registry down"
   layer_ok 2 || fail "node 2 holds no intact layer"
   [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "node 2 did not fetch the layer from a peer"
-  log "ok: node 2 pulled $digest_ref from node 1 with the registry down"
+  [ "$(metric 1 imagemesh_peering_direct_connections_total 'result="taken"')" -ge 1 ] || fail "node 1 sent the layer over no direct connection"
+  [ "$(metric 2 imagemesh_peering_direct_fallbacks_total)" = 0 ] || fail "node 2 fell back from a direct connection (agent-n2.log)"
+  log "ok: node 2 pulled $digest_ref from node 1, on a direct connection, with the registry down"
 
   # Node 2's copy rots: node 3 skips it and gets the layer from node 1.
   printf 'rot' | dd of="$work/n2/agent/content/blobs/sha256/${layer#sha256:}" bs=1 seek=4096 conv=notrunc 2>/dev/null
@@ -338,32 +345,40 @@ warm_blob() {
   pull 1 || fail "warm-blob: pull on node 1"
   kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
   local f="$work/n1/agent/content/blobs/sha256/${layer#sha256:}"
-  local enc run enc_args p2p_t https_t http_t agent_t peer_n peer_t peer_lookup
-  for enc in ${ENCRYPTIONS:-tls none}; do
-    enc_args=()
-    [ "$enc" = default ] || enc_args=(--peer-encryption "$enc")
-    local client_enc=$enc
-    [ "$enc" = default ] && client_enc=
-    for run in $(seq 1 "${RUNS:-3}"); do
-      stop_node 1; stop_node 2
-      keep_data=1 start_node 1 $(peer_args 1) "${enc_args[@]}"
-      ip netns exec "$id-n1" "$work/blobref" -file "$f" -https 10.77.0.1:5443 -http 10.77.0.1:5080 >"$work/blobref.log" 2>&1 &
-      pids+=($!)
-      start_node 2 $(peer_args 2) "${enc_args[@]}" --bootstrap "$(node1_addr)"
-      wait_peers 2 1
-      for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] && break; sleep 0.05; done
-      for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
-      https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
-      http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
-      read -r peer_n peer_t peer_lookup < <(inns n2 "$work/blobref" -peer-get "$layer" -key "$key" -encryption "$client_enc" \
-        -listen /ip4/10.77.0.2/tcp/5009 -bootstrap "$(node1_addr)" 2>>"$work/blobref.log") || true
-      [ "$peer_n" = "$(stat -c %s "$f")" ] || fail "warm-blob $enc: the peer client read ${peer_n:-no} bytes (blobref.log)"
-      agent_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
-      p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
-      layer_ok 2 || fail "warm-blob $enc: node 2 holds no intact layer"
-      [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "warm-blob $enc: node 2 did not fetch the layer from node 1"
-      warm_rows[$enc.$run]="| $enc | $run | $peer_t s | $peer_lookup s | $https_t s | $http_t s | $(calc "$https_t / $peer_t")× | $(calc "$http_t / $peer_t")× | $p2p_t s | $agent_t s |"
-      log "warm-blob $enc run $run: libp2p $peer_t s after a $peer_lookup s lookup, HTTPS $https_t s, HTTP $http_t s; through node 2's agent $p2p_t s, node 1's agent $agent_t s"
+  local via enc run enc_args client_enc p2p_t https_t http_t agent_t peer_n peer_t peer_lookup direct taken
+  # Run by run, every setting in turn, so that a busy moment of the machine spreads over all of them.
+  for run in $(seq 1 "${RUNS:-3}"); do
+    for via in ${VIAS:-direct stream}; do
+      direct=1
+      [ "$via" = direct ] || direct=0
+      for enc in ${ENCRYPTIONS:-tls none}; do
+        enc_args=()
+        [ "$enc" = default ] || enc_args=(--peer-encryption "$enc")
+        client_enc=$enc
+        [ "$enc" = default ] && client_enc=
+        stop_node 1; stop_node 2
+        keep_data=1 start_node 1 $(DIRECT=$direct peer_args 1) "${enc_args[@]}"
+        ip netns exec "$id-n1" "$work/blobref" -file "$f" -https 10.77.0.1:5443 -http 10.77.0.1:5080 >"$work/blobref.log" 2>&1 &
+        pids+=($!)
+        start_node 2 $(DIRECT=$direct peer_args 2) "${enc_args[@]}" --bootstrap "$(node1_addr)"
+        wait_peers 2 1
+        for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] && break; sleep 0.05; done
+        for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
+        https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
+        http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
+        read -r peer_n peer_t peer_lookup < <(inns n2 "$work/blobref" -peer-get "$layer" -key "$key" -encryption "$client_enc" \
+          -listen /ip4/10.77.0.2/tcp/5009 -bootstrap "$(node1_addr)" 2>>"$work/blobref.log") || true
+        [ "$peer_n" = "$(stat -c %s "$f")" ] || fail "warm-blob $via $enc: the peer client read ${peer_n:-no} bytes (blobref.log)"
+        agent_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 1)" -w '%{time_total}' "http://10.77.0.1:5000/$blob")
+        p2p_t=$(inns n2 curl -fsS -o /dev/null -H "$(token 2)" -w '%{time_total}' "http://10.77.0.2:5000/$blob")
+        layer_ok 2 || fail "warm-blob $via $enc: node 2 holds no intact layer"
+        [ "$(metric 2 imagemesh_content_fetched_bytes_total 'source="peer"')" -ge "$((SIZE_MIB << 20))" ] || fail "warm-blob $via $enc: node 2 did not fetch the layer from node 1"
+        # blobref's and node 2's fetches: both on direct connections, or neither.
+        taken=$(metric 1 imagemesh_peering_direct_connections_total 'result="taken"')
+        [ "$taken" = $((2 * direct)) ] || fail "warm-blob $via $enc: node 1 took $taken direct connections, want $((2 * direct))"
+        warm_rows[$via.$enc.$run]="| $via | $enc | $run | $peer_t s | $peer_lookup s | $https_t s | $http_t s | $(calc "$https_t / $peer_t")× | $(calc "$http_t / $peer_t")× | $p2p_t s | $agent_t s |"
+        log "warm-blob $via $enc run $run: peers $peer_t s after a $peer_lookup s lookup, HTTPS $https_t s, HTTP $http_t s; through node 2's agent $p2p_t s, node 1's agent $agent_t s"
+      done
     done
   done
 }
@@ -372,11 +387,13 @@ warm_table() {
   echo "warm $SIZE_MIB MiB blob, node 1 → node 2 (clients in node 2's namespace that drop the bytes; then the whole way through node 2's agent)."
   echo "libp2p: from the provider's answer to the last byte, as curl's time for one request; the provider lookup before it is a cost a blob, not a byte."
   echo
-  echo "| --peer-encryption | run | libp2p | lookup | HTTPS (Go TLS 1.3) | HTTP | HTTPS / libp2p | HTTP / libp2p | through node 2's agent | HTTP from node 1's agent |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  local enc run
-  for enc in ${ENCRYPTIONS:-tls none}; do
-    for run in $(seq 1 "${RUNS:-3}"); do echo "${warm_rows[$enc.$run]}"; done
+  echo "| bytes on | --peer-encryption | run | peers | lookup | HTTPS (Go TLS 1.3) | HTTP | HTTPS / peers | HTTP / peers | through node 2's agent | HTTP from node 1's agent |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  local via enc run
+  for via in ${VIAS:-direct stream}; do
+    for enc in ${ENCRYPTIONS:-tls none}; do
+      for run in $(seq 1 "${RUNS:-3}"); do echo "${warm_rows[$via.$enc.$run]}"; done
+    done
   done
   echo
   echo "targets: tls ≥ 0.9× HTTPS; none ≥ 0.8× HTTP"

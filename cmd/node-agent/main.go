@@ -89,6 +89,7 @@ func newCommand(args []string, run func(context.Context, agent.Config) error) *c
 	f.StringArrayVar(&cfg.Peering.Listen, "peer-listen", cfg.Peering.Listen, "libp2p multiaddr to listen on for peers, e.g. /ip4/0.0.0.0/tcp/5001; turns peering on (repeatable)")
 	f.StringVar(&cfg.Peering.KeyFile, "peer-key", cfg.Peering.KeyFile, "file with the cluster key (swarm.key format), which peers prove they hold")
 	f.BoolVar(&cfg.Peering.Open, "peer-open", cfg.Peering.Open, "peer without a key: any host that reaches --peer-listen can fetch from the cache")
+	f.StringVar(&cfg.Peering.DirectListen, "peer-direct-listen", cfg.Peering.DirectListen, "HOST:PORT where peers take the bytes of large blobs on direct TCP connections, secured as --peer-encryption says, e.g. 0.0.0.0:5003 (default: none, every byte over libp2p)")
 	f.StringVar(&cfg.Peering.Encryption, "peer-encryption", cfg.Peering.Encryption, "tls (default) or none: peers prove the key but send bytes unencrypted, only for networks that encrypt every packet already")
 	f.IntVar(&cfg.Peering.UploadSlots, "peer-upload-slots", cfg.Peering.UploadSlots, "how many peers this node sends one blob to at once; past it they are sent to the peers it is sending to (default 1)")
 	f.StringArrayVar(&cfg.Peering.Bootstrap, "bootstrap", cfg.Peering.Bootstrap, "peer multiaddr ending in /p2p/<peer id> to join through (repeatable)")

@@ -368,6 +368,7 @@ func startPeering(ctx context.Context, cfg Config, store *content.Store, fetchTh
 	p := cfg.Peering
 	opts := peering.Options{
 		ListenAddrs:       p.Listen,
+		DirectListen:      p.DirectListen,
 		Open:              p.Open,
 		Encryption:        peering.Encryption(p.Encryption),
 		DataDir:           cfg.DataDir,

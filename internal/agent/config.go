@@ -105,6 +105,10 @@ type HostConfigConfig struct {
 type PeeringConfig struct {
 	// Listen are libp2p TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
 	Listen []string `json:"listen,omitempty"`
+	// DirectListen is a TCP address, HOST:PORT, where peers take the bytes of large blobs on
+	// connections of their own, secured as Encryption says, instead of over libp2p streams (faster:
+	// README, Peering, "Direct connections"). Empty offers none.
+	DirectListen string `json:"directListen,omitempty"`
 	// KeyFile holds the cluster's pre-shared key (swarm.key format): only hosts with it can connect.
 	KeyFile string `json:"keyFile,omitempty"`
 	// Open runs without a key: anyone who can reach the port can fetch from the cache.
@@ -548,8 +552,8 @@ func (d *Duration) Type() string { return "duration" }
 
 func (p PeeringConfig) validate() []error {
 	if !p.Enabled() {
-		if len(p.Bootstrap) > 0 || len(p.DNS) > 0 || p.Kubernetes != nil || p.KeyFile != "" {
-			return []error{errors.New("peering: bootstrap, dns, kubernetes and keyFile need peering.listen (--peer-listen)")}
+		if len(p.Bootstrap) > 0 || len(p.DNS) > 0 || p.Kubernetes != nil || p.KeyFile != "" || p.DirectListen != "" {
+			return []error{errors.New("peering: bootstrap, dns, kubernetes, keyFile and directListen need peering.listen (--peer-listen)")}
 		}
 		return nil
 	}
@@ -568,6 +572,11 @@ func (p PeeringConfig) validate() []error {
 		}
 	default:
 		errs = append(errs, fmt.Errorf("peering.encryption (--peer-encryption) %q: want tls or none", p.Encryption))
+	}
+	if p.DirectListen != "" {
+		if _, port, err := net.SplitHostPort(p.DirectListen); err != nil || port == "" {
+			errs = append(errs, fmt.Errorf("peering.directListen (--peer-direct-listen) %q: want HOST:PORT, e.g. 0.0.0.0:5003", p.DirectListen))
+		}
 	}
 	if k := p.Kubernetes; k != nil && k.Service.IsZero() {
 		errs = append(errs, errors.New("peering.kubernetes.service: want NAMESPACE/NAME"))

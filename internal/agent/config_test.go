@@ -55,3 +55,22 @@ func TestPeeringEncryption(t *testing.T) {
 		}
 	}
 }
+
+func TestPeeringDirectListen(t *testing.T) {
+	listen := []string{"/ip4/0.0.0.0/tcp/5001"}
+	for _, tc := range []struct {
+		p  PeeringConfig
+		ok bool
+	}{
+		{PeeringConfig{Listen: listen, KeyFile: "k", DirectListen: "0.0.0.0:5003"}, true},
+		{PeeringConfig{Listen: listen, KeyFile: "k", DirectListen: "[::]:5003", Encryption: "none"}, true},
+		{PeeringConfig{Listen: listen, KeyFile: "k", DirectListen: "5003"}, false},
+		{PeeringConfig{Listen: listen, KeyFile: "k", DirectListen: "0.0.0.0:"}, false},
+		// Without peering, nothing would offer the listener.
+		{PeeringConfig{DirectListen: "0.0.0.0:5003"}, false},
+	} {
+		if errs := tc.p.validate(); (len(errs) == 0) != tc.ok {
+			t.Errorf("directListen %q: %v", tc.p.DirectListen, errs)
+		}
+	}
+}

@@ -705,10 +705,21 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteTo writes the whole blob to w, each part as soon as it may be read, in ranges of at least a
 // megabyte rather than a wake-up for every write of the fetch. w gets the parts as readers of the
-// file (io.Copy), so it may choose how to send them. Only one WriteTo at a time: it moves the
-// reader's file offset.
-func (r *Reader) WriteTo(w io.Writer) (int64, error) {
-	var off int64
+// file (io.Copy), so it may choose how to send them: a TCP connection sends them with sendfile.
+// Only one WriteTo or CopyTo at a time: they move the reader's file offset.
+func (r *Reader) WriteTo(w io.Writer) (int64, error) { return r.CopyTo(w, 0) }
+
+// CopyTo is WriteTo from offset off of the blob on: it writes the bytes from off to the end.
+func (r *Reader) CopyTo(w io.Writer, off int64) (int64, error) {
+	if off < 0 || off > r.size {
+		return 0, fmt.Errorf("copy %s from %d: offset outside the blob (%d bytes)", r.f.Name(), off, r.size)
+	}
+	n, err := r.copyTo(w, off)
+	return n - off, err
+}
+
+// copyTo writes from off to the end and returns the offset reached.
+func (r *Reader) copyTo(w io.Writer, off int64) (int64, error) {
 	for off < r.size {
 		avail := r.size
 		if r.ing != nil {

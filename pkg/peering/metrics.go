@@ -32,7 +32,14 @@ type metrics struct {
 	limitRefused   *prometheus.CounterVec
 	// slotRefused counts blob requests refused because every upload slot of the blob was in use.
 	slotRefused prometheus.Counter
+	// direct counts the direct connections a provider accepted, by what became of them;
+	// directFallback the blobs an asker was offered one for and took over the stream instead.
+	direct         *prometheus.CounterVec
+	directFallback prometheus.Counter
 }
+
+// The values of the result label of imagemesh_peering_direct_connections_total.
+var directResults = []string{"taken", "refused", "busy"}
 
 // The values of the limit label of imagemesh_peering_fetch_through_refused_total.
 const (
@@ -72,6 +79,15 @@ func newMetrics() *metrics {
 		limitRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_limit_refusals_total", Help: "Connections, streams and memory that the libp2p resource manager refused, by the scope or resource whose limit was reached.",
 		}, []string{"limit"}),
+		direct: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imagemesh_peering_direct_connections_total", Help: "Direct connections peers opened to this node for blob bytes, by result: taken (with a good ticket), refused (no handshake or no good ticket), busy (too many waiting for theirs).",
+		}, []string{"result"}),
+		directFallback: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_direct_fallbacks_total", Help: "Blobs a peer offered a direct connection for that this node fetched over the libp2p stream instead, because the connection failed.",
+		}),
+	}
+	for _, r := range directResults {
+		m.direct.WithLabelValues(r)
 	}
 	// Every reason is exported from the start, at zero: a series that appears only with the first
 	// event leaves dashboards and alerts with nothing to compare it with.
@@ -96,7 +112,7 @@ func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uplo
 			Name: "imagemesh_peering_uploads", Help: "Blob streams being sent to peers now.",
 		}, func() float64 { return float64(uploads.inUse()) })
 		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer,
-			m.throughRefused, m.limitRefused, m.slotRefused, peers, sending, sweepCollector{sweep})
+			m.throughRefused, m.limitRefused, m.slotRefused, m.direct, m.directFallback, peers, sending, sweepCollector{sweep})
 	}
 }
 

@@ -66,6 +66,10 @@ type CachedTagFunc func(repo reference.Named, tag string) (ocispec.Descriptor, t
 type Options struct {
 	// ListenAddrs are TCP multiaddrs, e.g. /ip4/0.0.0.0/tcp/5001.
 	ListenAddrs []string
+	// DirectListen is a TCP address (HOST:PORT) where peers take the bytes of large blobs on
+	// connections of their own, secured as Encryption says (direct.go). Empty: every byte goes over
+	// libp2p streams. The node takes other nodes' direct connections either way.
+	DirectListen string
 	// PSK is the cluster key: peers prove that they hold it. Nil is accepted only with Open.
 	PSK pnet.PSK
 	// Encryption protects the bytes between members on the wire: EncryptionTLS (the default, also
@@ -130,6 +134,7 @@ type Node struct {
 	metrics *metrics
 
 	bad     *badPeers
+	direct  *direct // nil in the simulation, whose hosts have no TCP
 	through *fetchThroughLimit
 	uploads *uploadSlots
 	urgent  chan digest.Digest // content being fetched, announced at once
@@ -200,12 +205,17 @@ func New(ctx context.Context, opts Options) (*Node, error) {
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionManager(cm),
 	}
+	plain := opts.PSK != nil && opts.Encryption == EncryptionNone
+	d, err := newDirect(opts.DirectListen, key, plain, m, opts.Logger)
+	if err != nil {
+		return nil, errors.Join(err, rm.Close(), cm.Close())
+	}
 	h, err := libp2p.New(hostOpts...)
 	if err != nil {
 		// libp2p owns the resource and connection managers from here, and closes what it started.
-		return nil, fmt.Errorf("peering: start host: %w", err)
+		return nil, errors.Join(fmt.Errorf("peering: start host: %w", err), d.close())
 	}
-	return newOnHost(ctx, opts, h, m, bootstrap)
+	return newOnHost(ctx, opts, h, m, bootstrap, d)
 }
 
 // withDefaults fills in what opts leaves unset. New and newOnHost both call it, so that a node
@@ -249,8 +259,8 @@ func (opts Options) withDefaults() Options {
 
 // newOnHost is New from the DHT on, on a host someone else built: New's, or an in-process network's
 // (go-libp2p's mocknet) in the cluster simulation. opts has New's defaults; the node owns h and closes
-// it, on failure too.
-func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, bootstrap []peer.AddrInfo) (*Node, error) {
+// it and d (nil: no direct connections), on failure too.
+func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, bootstrap []peer.AddrInfo, d *direct) (*Node, error) {
 	opts = opts.withDefaults()
 	kad, err := dht.New(h,
 		dht.Mode(dht.ModeServer),
@@ -261,7 +271,7 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 		dht.BootstrapPeers(bootstrap...),
 	)
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close())
+		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close(), d.close())
 	}
 	n := &Node{
 		opts:    opts,
@@ -270,6 +280,7 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 		log:     opts.Logger,
 		metrics: m,
 		bad:     newBadPeers(10 * time.Minute),
+		direct:  d,
 		through: newFetchThroughLimit(opts.MaxFetchThroughPerPeer, opts.MaxFetchThrough),
 		uploads: newUploadSlots(opts.UploadSlots),
 		urgent:  make(chan digest.Digest, 4096),
@@ -289,7 +300,14 @@ func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, boots
 	go n.provideLoop()
 	go n.provideStored()
 	go n.discoverLoop()
-	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "member", opts.PSK != nil, "encryption", encryptionName(opts))
+	if d.port() != 0 {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			d.serve(n.ctx)
+		}()
+	}
+	n.log.Info("peering node started", "id", h.ID().String(), "addrs", n.Addrs(), "direct", d.addr(), "member", opts.PSK != nil, "encryption", encryptionName(opts))
 	return n, nil
 }
 
@@ -372,12 +390,13 @@ func (n *Node) Announce(d digest.Digest) {
 func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
+		directErr := n.direct.close() // ends its accept loop
 		n.wg.Wait()
 		var sweepErr error
 		if sweep := n.sweep.Load(); sweep != nil {
 			sweepErr = sweep.Close()
 		}
-		n.closeErr = errors.Join(sweepErr, n.dht.Close(), n.host.Close())
+		n.closeErr = errors.Join(sweepErr, directErr, n.dht.Close(), n.host.Close())
 	})
 	return n.closeErr
 }

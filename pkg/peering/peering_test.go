@@ -40,8 +40,10 @@ func testNodeWith(t *testing.T, psk pnet.PSK, with func(*Options), bootstrap ...
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
+	// Every test node offers direct connections, so that every large blob of the tests goes over one.
 	opts := Options{
-		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, PSK: psk, DataDir: t.TempDir(), Store: store, Bootstrap: bootstrap,
+		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, DirectListen: "127.0.0.1:0", PSK: psk, DataDir: t.TempDir(),
+		Store: store, Bootstrap: bootstrap,
 	}
 	if with != nil {
 		with(&opts)
@@ -314,18 +316,9 @@ func TestPeerStreamFollowsItsContext(t *testing.T) {
 	// Node 1 is fetching the blob itself, and its source stops half way.
 	gate := make(chan struct{})
 	t.Cleanup(func() { close(gate) })
-	rd, err := n1.opts.Store.Fetch(context.Background(), d, func(ctx context.Context, off int64) (*content.Fetched, error) {
-		body := io.MultiReader(bytes.NewReader(data[off:verifyLimit+1]), gateReader(gate), bytes.NewReader(data[verifyLimit+1:]))
-		return &content.Fetched{Body: io.NopCloser(body), Size: int64(len(data)), Source: "test", SizeTrusted: true}, nil
+	fetchAndProvide(t, n1, d, len(data), func(off int64) io.Reader {
+		return io.MultiReader(bytes.NewReader(data[off:verifyLimit+1]), gateReader(gate), bytes.NewReader(data[verifyLimit+1:]))
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rd.Close()
-	c, _ := DigestCID(d)
-	if err := n1.dht.Provide(context.Background(), c, true); err != nil {
-		t.Fatalf("provide: %v", err)
-	}
 
 	repo, _ := reference.ParseNamed("example.test/team/app")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -353,6 +346,23 @@ func TestPeerStreamFollowsItsContext(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the read from a peer that stopped sending went on after its context ended")
+	}
+}
+
+// fetchAndProvide has n fetch blob d of size bytes from body (from offset off) and announce it while
+// the fetch is under way.
+func fetchAndProvide(t *testing.T, n *Node, d digest.Digest, size int, body func(off int64) io.Reader) {
+	t.Helper()
+	rd, err := n.opts.Store.Fetch(context.Background(), d, func(ctx context.Context, off int64) (*content.Fetched, error) {
+		return &content.Fetched{Body: io.NopCloser(body(off)), Size: int64(size), Source: "test", SizeTrusted: true}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rd.Close() })
+	c, _ := DigestCID(d)
+	if err := n.dht.Provide(context.Background(), c, true); err != nil {
+		t.Fatalf("provide: %v", err)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -42,6 +43,8 @@ type blobRequest struct {
 	// to stream it as it arrives. Repo names where it lives; Kind is always a blob.
 	Through bool   `json:"through,omitempty"`
 	Repo    string `json:"repo,omitempty"`
+	// Direct says the asker can take the bytes on a direct connection (direct.go).
+	Direct bool `json:"direct,omitempty"`
 }
 
 type blobAnswer struct {
@@ -49,6 +52,8 @@ type blobAnswer struct {
 	Error string `json:"error,omitempty"`
 	// Try, with a busy answer, names the peers the blob is being sent to, where a slot may be free.
 	Try []peer.AddrInfo `json:"try,omitempty"`
+	// Direct offers the bytes on a direct connection; the asker then says where it wants them.
+	Direct *directOffer `json:"direct,omitempty"`
 }
 
 type tagRequest struct {
@@ -153,8 +158,33 @@ func (n *Node) serveBlob(s network.Stream) error {
 	if got := rd.Received(); req.Offset > got {
 		return refuse(s, blobAnswer{Error: fmt.Sprintf("%s: offset %d, this node has %d bytes of it so far", errBehind, req.Offset, got)})
 	}
-	if err := writeLine(s, blobAnswer{Size: rd.Size()}); err != nil || req.Stat {
+	ans := blobAnswer{Size: rd.Size()}
+	var ticket *directTicket
+	if req.Direct && !req.Stat && rd.Size()-req.Offset >= directMinSize {
+		var withdraw func()
+		ans.Direct, ticket, withdraw = n.direct.offer(s)
+		if withdraw != nil {
+			defer withdraw()
+		}
+	}
+	if err := writeLine(s, ans); err != nil || req.Stat {
 		return err
+	}
+	if ticket != nil {
+		conn, err := n.awaitDirect(s, ticket)
+		if err != nil {
+			return err
+		}
+		if conn != nil {
+			defer func() { _ = conn.Close() }() // closed below; this is for the error paths
+			// Over TCP without a cipher, with sendfile from a complete blob's file.
+			sent, err := rd.CopyTo(conn, req.Offset)
+			n.metrics.servedBytes.Add(float64(sent))
+			if err != nil {
+				return fmt.Errorf("send %s on a direct connection: %w", req.Digest, err)
+			}
+			return conn.Close()
+		}
 	}
 	// A blob still arriving is sent as it arrives; a reader that fails (the blob did not verify)
 	// resets the stream, so that the peer never takes a short blob for a whole one.
@@ -166,6 +196,28 @@ func (n *Node) serveBlob(s network.Stream) error {
 		return fmt.Errorf("send %s: %w", req.Digest, err)
 	}
 	return nil
+}
+
+// awaitDirect reads on s where the asker of a direct offer wants the bytes: on the direct connection
+// it took, which it returns, or on the stream (nil).
+func (n *Node) awaitDirect(s network.Stream, t *directTicket) (net.Conn, error) {
+	if err := s.SetReadDeadline(time.Now().Add(directClaimWait)); err != nil {
+		return nil, err
+	}
+	var reply directReply
+	if err := readLine(s, &reply); err != nil {
+		return nil, fmt.Errorf("read the answer to a direct offer: %w", err)
+	}
+	if err := s.SetReadDeadline(time.Time{}); err != nil || !reply.Direct {
+		return nil, err
+	}
+	// The asker saw the ticket taken, so the connection is on its way to t.conn, if not there yet.
+	select {
+	case c := <-t.conn:
+		return c, nil
+	case <-time.After(directClaimWait):
+		return nil, errors.New("the asker took a direct connection that never arrived")
+	}
 }
 
 // blobReader finds what peer p asked for: in the store, in flight, or, if asked and allowed, fetched
@@ -620,6 +672,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 		_ = st.Reset()
 		return nil, err
 	}
+	req.Direct = !req.Stat && n.direct != nil && !n.direct.retry.has(p, "")
 	if err := writeLine(st, req); err != nil {
 		_ = st.Reset()
 		return nil, err
@@ -650,12 +703,50 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 		_ = st.Reset()
 		return nil, err
 	}
+	if ans.Direct != nil && req.Direct {
+		if c, ok, err := n.takeDirect(ctx, st, req, ans); ok || err != nil {
+			return c, err
+		}
+	}
 	stop := context.AfterFunc(ctx, func() { _ = st.Reset() })
 	return &source.Content{
 		ReadCloser: &peerStream{Reader: br, s: st, stop: stop},
 		Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: ans.Size},
 		Source:     "peer",
 	}, nil
+}
+
+// takeDirect takes the direct connection a provider offered for the bytes of req. If it cannot, it
+// says so on st, where the bytes then come, and returns ok false.
+func (n *Node) takeDirect(ctx context.Context, st network.Stream, req blobRequest, ans blobAnswer) (_ *source.Content, ok bool, _ error) {
+	p := st.Conn().RemotePeer()
+	conn, err := n.direct.take(ctx, st, ans.Direct)
+	if err != nil {
+		if ctx.Err() != nil {
+			_ = st.Reset()
+			return nil, false, ctx.Err()
+		}
+		n.direct.retry.add(p, "")
+		n.metrics.directFallback.Inc()
+		n.log.Warn("direct connection to a peer failed: its blob bytes come over libp2p for a while",
+			"peer", p, "for", directRetry, "err", err)
+	}
+	if werr := writeLine(st, directReply{Direct: err == nil}); werr != nil {
+		if conn != nil {
+			_ = conn.Close()
+		}
+		_ = st.Reset()
+		return nil, false, fmt.Errorf("answer the direct offer: %w", werr)
+	}
+	if err != nil {
+		return nil, false, nil
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close(); _ = st.Reset() })
+	return &source.Content{
+		ReadCloser: &directStream{conn: conn, s: st, left: ans.Size - req.Offset, stop: stop},
+		Descriptor: ocispec.Descriptor{Digest: req.Digest, Size: ans.Size},
+		Source:     "peer",
+	}, true, nil
 }
 
 // smallReadTime is the least time a peer has to send an object that is read whole (up to

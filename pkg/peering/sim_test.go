@@ -336,7 +336,7 @@ func (c *simCluster) start(ctx context.Context, h host.Host, dir string, bootstr
 		sn.reg = prometheus.NewRegistry()
 		opts.Registerer = sn.reg
 	}
-	n, err := newOnHost(ctx, opts, &simHost{Host: h, n: sn}, newMetrics(), bootstrap)
+	n, err := newOnHost(ctx, opts, &simHost{Host: h, n: sn}, newMetrics(), bootstrap, nil)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("sim: node on %s: %w", h.ID(), err), store.Close())
 	}

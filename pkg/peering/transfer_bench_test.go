@@ -25,7 +25,8 @@ import (
 // as the references in the same run, over HTTPS (Go's TLS 1.3, HTTP/1.1) and plain HTTP on the same
 // loopback. libp2p with encryption compares with HTTPS: both spend one cipher pass a byte, so the
 // ratio is the cost of libp2p's framing (yamux) and of the stream protocol. libp2p with encryption
-// "none" compares with plain HTTP.
+// "none" compares with plain HTTP. The direct cases move the same bytes over a direct connection
+// (direct.go) with either setting.
 func BenchmarkWarmBlob(b *testing.B) {
 	const size = 256 << 20
 	data := make([]byte, size)
@@ -42,6 +43,8 @@ func BenchmarkWarmBlob(b *testing.B) {
 	}{
 		{"libp2p-tls", nil},
 		{"libp2p-none", withEncryption(EncryptionNone)},
+		{"direct-tls", withDirect(EncryptionTLS)},
+		{"direct-none", withDirect(EncryptionNone)},
 	} {
 		a, c := benchNode(b, psk, bc.with), benchNode(b, psk, bc.with)
 		if err := a.opts.Store.Put(d, data); err != nil {
@@ -162,4 +165,12 @@ func benchNode(b *testing.B, psk pnet.PSK, with func(*Options)) *Node {
 	}
 	b.Cleanup(func() { n.Close() })
 	return n
+}
+
+// withDirect gives a node a direct listener and the encryption enc.
+func withDirect(enc Encryption) func(*Options) {
+	return func(o *Options) {
+		o.Encryption = enc
+		o.DirectListen = "127.0.0.1:0"
+	}
 }

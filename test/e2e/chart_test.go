@@ -167,7 +167,10 @@ func TestHelmChart(t *testing.T) {
 			"agent.dataDir=relative":          "dataDir",
 			"agent.leasePolicy.enabled=maybe": "leasePolicy",
 			// kubo's API and the agent's peering port would share the pod's network namespace.
-			"ipfs.kubo.enabled=true,agent.peerPort=5001": "taken by kubo",
+			"ipfs.kubo.enabled=true,agent.peerPort=5001":       "taken by kubo",
+			"agent.peerDirectPort=5002":                        "agent.peerDirectPort 5002",
+			"ipfs.kubo.enabled=true,agent.peerDirectPort=4001": "taken by kubo",
+			"agent.peerDirectPort=-1":                          "peerDirectPort",
 		} {
 			out, err := exec.Command(helm, "template", "im", chartDir, "--kube-version", "1.34.4", "--set", set).CombinedOutput()
 			if err == nil || !strings.Contains(string(out), want) {
