@@ -64,19 +64,27 @@ build() {
   local key; key=$( (cat "$mod/go.mod" "$mod/go.sum" "$mod"/*.go 2>/dev/null; echo "${pkg[$name]}|${flags[$name]:-}|${ldflags[$name]:-}|${cgo[$name]:-}") | sha256sum | cut -c1-12)
   local dir="$cache/$name-$key"
   if [ ! -f "$dir/.complete" ]; then
-    echo "build.sh: building $name into $dir" >&2
-    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-    if [[ ${pkg[$name]} == test:* ]]; then
-      # Not -trimpath: testplanet finds its satellite's web and mail templates next to its source, in
-      # the module cache, through the paths compiled in.
-      # shellcheck disable=SC2086
-      (cd "$mod" && CGO_ENABLED=${cgo[$name]:-0} GOFLAGS=-mod=mod go test -c ${flags[$name]:-} -o "$dir.tmp/${pkg[$name]#test:}" .)
-    else
-      # shellcheck disable=SC2086
-      (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -ldflags "${ldflags[$name]:-}" -o "$dir.tmp/" ${pkg[$name]})
+    # One build of a tool at a time, whoever asks (make test, and a hack/ script started beside it):
+    # the others wait for it, then find it built.
+    local lock
+    exec {lock}>"$dir.lock"
+    flock "$lock"
+    if [ ! -f "$dir/.complete" ]; then
+      echo "build.sh: building $name into $dir" >&2
+      rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+      if [[ ${pkg[$name]} == test:* ]]; then
+        # Not -trimpath: testplanet finds its satellite's web and mail templates next to its source, in
+        # the module cache, through the paths compiled in.
+        # shellcheck disable=SC2086
+        (cd "$mod" && CGO_ENABLED=${cgo[$name]:-0} GOFLAGS=-mod=mod go test -c ${flags[$name]:-} -o "$dir.tmp/${pkg[$name]#test:}" .)
+      else
+        # shellcheck disable=SC2086
+        (cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath ${flags[$name]:-} -ldflags "${ldflags[$name]:-}" -o "$dir.tmp/" ${pkg[$name]})
+      fi
+      touch "$dir.tmp/.complete"
+      rm -rf "$dir" && mv "$dir.tmp" "$dir"
     fi
-    touch "$dir.tmp/.complete"
-    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+    exec {lock}>&-
   fi
   # testplanet reads its satellite's templates from its module's source at run time: make sure the
   # module cache still holds it (a no-op when it does).
