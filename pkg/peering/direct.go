@@ -47,6 +47,8 @@ import (
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/imagemesh/imagemesh/pkg/content"
 )
 
 const (
@@ -91,6 +93,8 @@ type direct struct {
 
 	mu      sync.Mutex
 	tickets map[string]*directTicket
+	sending map[net.Conn]struct{} // taken connections that carry a blob now
+	closed  bool
 }
 
 // directTicket is an offer waiting to be taken.
@@ -105,7 +109,7 @@ type directTicket struct {
 func newDirect(addr string, key crypto.PrivKey, plain bool, m *metrics, log *slog.Logger) (*direct, error) {
 	d := &direct{
 		log: log, pending: make(chan struct{}, maxDirectPending), taken: m.direct,
-		retry: newBadPeers(directRetry), tickets: map[string]*directTicket{},
+		retry: newBadPeers(directRetry), tickets: map[string]*directTicket{}, sending: map[net.Conn]struct{}{},
 	}
 	if !plain {
 		id, err := libp2ptls.NewIdentity(key)
@@ -324,9 +328,38 @@ func (d *direct) handshake(ctx context.Context, raw net.Conn, p peer.ID, ticket 
 	return conn, raw.SetDeadline(time.Time{})
 }
 
-// close stops the listener; connections that carry blobs end with their streams.
+// send sends rd from off on c, a connection taken for it, and closes c. Node.Close cuts it short.
+func (d *direct) send(c net.Conn, rd *content.Reader, off int64) (int64, error) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		_ = c.Close()
+		return 0, net.ErrClosed
+	}
+	d.sending[c] = struct{}{}
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		delete(d.sending, c)
+		d.mu.Unlock()
+	}()
+	// Over TCP without a cipher, with sendfile from a complete blob's file.
+	n, err := rd.CopyTo(c, off)
+	return n, errors.Join(err, c.Close())
+}
+
+// close stops the listener and cuts off the connections that carry blobs.
 func (d *direct) close() error {
-	if d == nil || d.ln == nil {
+	if d == nil {
+		return nil
+	}
+	d.mu.Lock()
+	d.closed = true
+	for c := range d.sending {
+		_ = c.Close() // its sender reports the error
+	}
+	d.mu.Unlock()
+	if d.ln == nil {
 		return nil
 	}
 	return d.ln.Close()

@@ -238,3 +238,44 @@ func TestDirectConnectionOfABlobThatFailsVerificationEndsShort(t *testing.T) {
 		t.Fatalf("the asker got %d bytes of a %d-byte blob that failed verification", n, len(data))
 	}
 }
+
+// A node that closes cuts off the blobs it is sending on direct connections: the asker's read ends
+// with an error at once, rather than wait for bytes that will never come.
+func TestClosingNodeCutsItsDirectConnections(t *testing.T) {
+	psk := testKey(t)
+	n1 := testNode(t, psk)
+	n2 := testNode(t, psk, n1.Addrs()[0])
+	waitRouting(t, n1, n2)
+	data := make([]byte, 2*directMinSize)
+	rand.Read(data)
+	d := digest.FromBytes(data)
+	gate := make(chan struct{})
+	t.Cleanup(func() { close(gate) })
+	fetchAndProvide(t, n1, d, len(data), func(off int64) io.Reader {
+		return io.MultiReader(bytes.NewReader(data[off:directMinSize]), gateReader(gate), bytes.NewReader(data[directMinSize:]))
+	})
+	got, err := n2.Source().Open(context.Background(), blobObject(t, d), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer got.Close()
+	if _, err := io.ReadFull(got, make([]byte, directMinSize-1)); err != nil {
+		t.Fatalf("read the first half: %v", err)
+	}
+	if err := n1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.ReadAll(got)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the read of a blob cut off half way ended without an error")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read went on after the provider closed")
+	}
+}

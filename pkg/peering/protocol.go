@@ -176,14 +176,12 @@ func (n *Node) serveBlob(s network.Stream) error {
 			return err
 		}
 		if conn != nil {
-			defer func() { _ = conn.Close() }() // closed below; this is for the error paths
-			// Over TCP without a cipher, with sendfile from a complete blob's file.
-			sent, err := rd.CopyTo(conn, req.Offset)
+			sent, err := n.direct.send(conn, rd, req.Offset)
 			n.metrics.servedBytes.Add(float64(sent))
 			if err != nil {
 				return fmt.Errorf("send %s on a direct connection: %w", req.Digest, err)
 			}
-			return conn.Close()
+			return nil
 		}
 	}
 	// A blob still arriving is sent as it arrives; a reader that fails (the blob did not verify)
