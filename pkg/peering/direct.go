@@ -102,6 +102,8 @@ type directTicket struct {
 	peer peer.ID
 	ip   net.IP
 	conn chan net.Conn // gets the taken connection; buffered, it is sent to once
+	// withdrawn says the stream stopped waiting: a connection taken after that is closed.
+	withdrawn bool
 }
 
 // newDirect listens on addr (host:port; empty listens nowhere) and secures connections with key's
@@ -211,8 +213,13 @@ func (d *direct) claim(ctx context.Context, raw net.Conn) error {
 	if err := raw.SetDeadline(time.Time{}); err != nil {
 		return err
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if t.withdrawn {
+		return errors.New("ticket withdrawn while it was being taken")
+	}
 	d.taken.WithLabelValues("taken").Inc()
-	t.conn <- conn
+	t.conn <- conn // buffered, and sent to once: the ticket is gone from the map
 	return nil
 }
 
@@ -264,8 +271,9 @@ func (d *direct) offer(s network.Stream) (_ *directOffer, t *directTicket, withd
 	d.mu.Unlock()
 	return o, t, func() {
 		d.mu.Lock()
+		defer d.mu.Unlock()
 		delete(d.tickets, string(o.Ticket))
-		d.mu.Unlock()
+		t.withdrawn = true
 		select {
 		case c := <-t.conn: // taken, then not used: the asker fell back after all
 			_ = c.Close()
