@@ -326,10 +326,11 @@ if [ "$mode" = test ]; then
 fi
 
 # --- a warm blob between two namespaces ------------------------------------------------------------
-# Node 1 holds the layer. In node 2's namespace, curl fetches it from node 1 over HTTPS (blobref: Go's
-# TLS 1.3) and plain HTTP (blobref), and blobref -peer-get over libp2p, through the peers' Source as
-# an agent does (the DHT, then the blob protocol): three clients that drop the bytes, so that the
-# ratios are the transports'. Then the whole way: curl asks node 2's agent, which, with the registry
+# Node 1 holds the layer. In node 2's namespace, blobref -get fetches it from node 1 over HTTPS (Go's
+# TLS 1.3 both ends, as between peers) and plain HTTP (blobref serves both), and blobref -peer-get
+# from peers, through the peers' Source as an agent does (the DHT, the blob protocol, a direct
+# connection if node 1 offers one): clients that drop the bytes, so that the ratios are the
+# transports'. curl's times for the same two URLs are reported beside them. Then the whole way: curl asks node 2's agent, which, with the registry
 # gone, fetches the layer from node 1, verifies and stores it, and only then (it is untrusted until
 # verified: cache.untrustedHold) serves it; and, for scale, curl from node 1's agent over plain HTTP.
 # Both nodes start anew for every run, so that each run finds the blob through the DHT as a real
@@ -345,7 +346,7 @@ warm_blob() {
   pull 1 || fail "warm-blob: pull on node 1"
   kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
   local f="$work/n1/agent/content/blobs/sha256/${layer#sha256:}"
-  local via enc run enc_args client_enc p2p_t https_t http_t agent_t peer_n peer_t peer_lookup direct taken
+  local via enc run enc_args client_enc p2p_t https_t http_t curl_https_t curl_http_t agent_t peer_n peer_t peer_lookup direct taken
   # Run by run, every setting in turn, so that a busy moment of the machine spreads over all of them.
   for run in $(seq 1 "${RUNS:-3}"); do
     for via in ${VIAS:-direct stream}; do
@@ -358,14 +359,17 @@ warm_blob() {
         [ "$enc" = default ] && client_enc=
         stop_node 1; stop_node 2
         keep_data=1 start_node 1 $(DIRECT=$direct peer_args 1) "${enc_args[@]}"
-        ip netns exec "$id-n1" "$work/blobref" -file "$f" -https 10.77.0.1:5443 -http 10.77.0.1:5080 >"$work/blobref.log" 2>&1 &
+        ip netns exec "$id-n1" "$work/blobref" -file "$f" -https 10.77.0.1:5443 -http 10.77.0.1:5080 -cert-out "$work/blobref.pem" >"$work/blobref.log" 2>&1 &
         pids+=($!)
         start_node 2 $(DIRECT=$direct peer_args 2) "${enc_args[@]}" --bootstrap "$(node1_addr)"
         wait_peers 2 1
         for _ in $(seq 1 200); do [ "$(metric 1 imagemesh_peering_keys_provided_total)" -ge 3 ] && break; sleep 0.05; done
         for _ in $(seq 1 200); do inns n2 curl -fsSI -o /dev/null http://10.77.0.1:5080/ 2>/dev/null && break; sleep 0.05; done
-        https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
-        http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
+        # The references: Go's HTTP client, as the peers' client is Go's TLS and TCP; and curl.
+        read -r _ https_t < <(inns n2 "$work/blobref" -get https://10.77.0.1:5443/ -ca "$work/blobref.pem" 2>>"$work/blobref.log") || fail "warm-blob: HTTPS reference"
+        read -r _ http_t < <(inns n2 "$work/blobref" -get http://10.77.0.1:5080/ 2>>"$work/blobref.log") || fail "warm-blob: HTTP reference"
+        curl_https_t=$(inns n2 curl -fsSk -o /dev/null -w '%{time_total}' "https://10.77.0.1:5443/")
+        curl_http_t=$(inns n2 curl -fsS -o /dev/null -w '%{time_total}' "http://10.77.0.1:5080/")
         read -r peer_n peer_t peer_lookup < <(inns n2 "$work/blobref" -peer-get "$layer" -key "$key" -encryption "$client_enc" \
           -listen /ip4/10.77.0.2/tcp/5009 -bootstrap "$(node1_addr)" 2>>"$work/blobref.log") || true
         [ "$peer_n" = "$(stat -c %s "$f")" ] || fail "warm-blob $via $enc: the peer client read ${peer_n:-no} bytes (blobref.log)"
@@ -376,7 +380,7 @@ warm_blob() {
         # blobref's and node 2's fetches: both on direct connections, or neither.
         taken=$(metric 1 imagemesh_peering_direct_connections_total 'result="taken"')
         [ "$taken" = $((2 * direct)) ] || fail "warm-blob $via $enc: node 1 took $taken direct connections, want $((2 * direct))"
-        warm_rows[$via.$enc.$run]="| $via | $enc | $run | $peer_t s | $peer_lookup s | $https_t s | $http_t s | $(calc "$https_t / $peer_t")× | $(calc "$http_t / $peer_t")× | $p2p_t s | $agent_t s |"
+        warm_rows[$via.$enc.$run]="| $via | $enc | $run | $peer_t s | $peer_lookup s | $https_t s | $http_t s | $(calc "$https_t / $peer_t")× | $(calc "$http_t / $peer_t")× | $curl_https_t s | $curl_http_t s | $p2p_t s | $agent_t s |"
         log "warm-blob $via $enc run $run: peers $peer_t s after a $peer_lookup s lookup, HTTPS $https_t s, HTTP $http_t s; through node 2's agent $p2p_t s, node 1's agent $agent_t s"
       done
     done
@@ -385,10 +389,10 @@ warm_blob() {
 warm_table() {
   echo
   echo "warm $SIZE_MIB MiB blob, node 1 → node 2 (clients in node 2's namespace that drop the bytes; then the whole way through node 2's agent)."
-  echo "libp2p: from the provider's answer to the last byte, as curl's time for one request; the provider lookup before it is a cost a blob, not a byte."
+  echo "peers: from the provider's answer to the last byte, as a client's time for one request; the provider lookup and request before it (with a direct connection's dial and handshake) is a cost a blob, not a byte."
   echo
-  echo "| bytes on | --peer-encryption | run | peers | lookup | HTTPS (Go TLS 1.3) | HTTP | HTTPS / peers | HTTP / peers | through node 2's agent | HTTP from node 1's agent |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| bytes on | --peer-encryption | run | peers | lookup | HTTPS (Go) | HTTP (Go) | HTTPS / peers | HTTP / peers | HTTPS (curl) | HTTP (curl) | through node 2's agent | HTTP from node 1's agent |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   local via enc run
   for via in ${VIAS:-direct stream}; do
     for enc in ${ENCRYPTIONS:-tls none}; do

@@ -11,6 +11,14 @@
 // long the provider lookup before them took (a fixed cost a blob, whatever its size).
 //
 //	blobref -peer-get sha256:… -key swarm.key -encryption tls -listen /ip4/10.77.0.2/tcp/5009 -bootstrap /ip4/10.77.0.1/tcp/5001/p2p/12D3Koo…
+//
+// With -get, it is the references' client: Go's HTTP client, as the peers' client is Go's TLS and
+// TCP, on a new connection, dropping the bytes as -peer-get does, trusting the certificate the server
+// wrote with -cert-out. It prints the bytes and the seconds from the request to the last byte, the
+// connection's set-up included (curl's time_total).
+//
+//	blobref -file BLOB -https 10.77.0.1:5443 -http 10.77.0.1:5080 -cert-out blobref.pem
+//	blobref -get https://10.77.0.1:5443/ -ca blobref.pem
 package main
 
 import (
@@ -21,6 +29,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,12 +57,18 @@ func main() {
 	enc := flag.String("encryption", "", "with -peer-get: tls or none")
 	listen := flag.String("listen", "", "with -peer-get: libp2p listen multiaddr")
 	bootstrap := flag.String("bootstrap", "", "with -peer-get: a peer's multiaddr ending in /p2p/<id>")
+	certOut := flag.String("cert-out", "", "write the HTTPS certificate (PEM) here")
+	get := flag.String("get", "", "URL to fetch with Go's HTTP client instead of serving")
+	ca := flag.String("ca", "", "with -get: the server's certificate (PEM), -cert-out's")
 	flag.Parse()
 	var err error
-	if *peerGet != "" {
+	switch {
+	case *peerGet != "":
 		err = getFromPeers(digest.Digest(*peerGet), *key, *enc, *listen, *bootstrap)
-	} else {
-		err = run(*file, *httpsAddr, *httpAddr)
+	case *get != "":
+		err = getURL(*get, *ca)
+	default:
+		err = run(*file, *httpsAddr, *httpAddr, *certOut)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "blobref:", err)
@@ -61,7 +76,7 @@ func main() {
 	}
 }
 
-func run(file, httpsAddr, httpAddr string) error {
+func run(file, httpsAddr, httpAddr, certOut string) error {
 	if file == "" || (httpsAddr == "" && httpAddr == "") {
 		return errors.New("want -file and -https or -http")
 	}
@@ -76,9 +91,19 @@ func run(file, httpsAddr, httpAddr string) error {
 		go func() { errs <- fmt.Errorf("http: %w", srv.Serve(ln)) }()
 	}
 	if httpsAddr != "" {
-		cert, err := selfSigned()
+		host, _, err := net.SplitHostPort(httpsAddr)
+		if err != nil {
+			return err
+		}
+		cert, err := selfSigned(net.ParseIP(host))
 		if err != nil {
 			return fmt.Errorf("certificate: %w", err)
+		}
+		if certOut != "" {
+			pemCert := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
+			if err := os.WriteFile(certOut, pemCert, 0o644); err != nil {
+				return err
+			}
 		}
 		ln, err := net.Listen("tcp", httpsAddr)
 		if err != nil {
@@ -91,8 +116,38 @@ func run(file, httpsAddr, httpAddr string) error {
 	return <-errs
 }
 
-// selfSigned is a P-256 certificate for any name: clients of a benchmark skip verification.
-func selfSigned() (tls.Certificate, error) {
+// getURL fetches url on a new connection and prints "BYTES SECONDS".
+func getURL(url, caFile string) error {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: x509.NewCertPool()}
+	if caFile != "" {
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return err
+		}
+		if !cfg.RootCAs.AppendCertsFromPEM(b) {
+			return fmt.Errorf("%s: no certificate", caFile)
+		}
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}, Timeout: 5 * time.Minute}
+	start := time.Now()
+	resp, err := client.Get(url)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	got, err := io.CopyBuffer(struct{ io.Writer }{io.Discard}, resp.Body, make([]byte, 1<<20))
+	if err != nil {
+		return fmt.Errorf("GET %s: %w", url, err)
+	}
+	fmt.Printf("%d %.6f\n", got, time.Since(start).Seconds())
+	return nil
+}
+
+// selfSigned is a P-256 certificate for the IP addresses given, which -get trusts from -cert-out.
+func selfSigned(ips ...net.IP) (tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, err
@@ -100,6 +155,7 @@ func selfSigned() (tls.Certificate, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: "blobref"},
+		IPAddresses:  ips,
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
 	}
