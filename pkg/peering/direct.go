@@ -351,8 +351,18 @@ func (d *direct) send(c net.Conn, rd *content.Reader, off int64) (int64, error) 
 		delete(d.sending, c)
 		d.mu.Unlock()
 	}()
-	// Over TCP without a cipher, with sendfile from a complete blob's file.
-	n, err := rd.CopyTo(c, off)
+	var n int64
+	var err error
+	if rd.File() != nil {
+		// Over TCP without a cipher, with sendfile.
+		n, err = rd.CopyTo(c, off)
+	} else {
+		// A blob still arriving: each byte as soon as it is here, as on the stream, so that a line of
+		// nodes relaying it adds a round trip per node, not a megabyte (CopyTo's least part).
+		buf := sendBuffers.Get().(*[]byte)
+		defer sendBuffers.Put(buf)
+		n, err = io.CopyBuffer(struct{ io.Writer }{c}, io.NewSectionReader(rd, off, rd.Size()-off), *buf)
+	}
 	return n, errors.Join(err, c.Close())
 }
 
