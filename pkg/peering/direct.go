@@ -314,6 +314,8 @@ func (d *direct) take(ctx context.Context, s network.Stream, o *directOffer) (ne
 	return conn, nil
 }
 
+// handshake secures raw as the client of peer p, shows the ticket and waits for it to be taken, all
+// before ctx's deadline.
 func (d *direct) handshake(ctx context.Context, raw net.Conn, p peer.ID, ticket []byte) (net.Conn, error) {
 	deadline, _ := ctx.Deadline()
 	if err := raw.SetDeadline(deadline); err != nil {
