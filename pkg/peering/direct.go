@@ -338,8 +338,9 @@ func (d *direct) handshake(ctx context.Context, raw net.Conn, p peer.ID, ticket 
 	return conn, raw.SetDeadline(time.Time{})
 }
 
-// send sends rd from off on c, a connection taken for it, and closes c. Node.Close cuts it short.
-func (d *direct) send(c net.Conn, rd *content.Reader, off int64) (int64, error) {
+// send sends rd from off on c, a connection taken for it, and closes c. Node.Close cuts it short,
+// and so does an asker that stops reading for stall.
+func (d *direct) send(c net.Conn, rd *content.Reader, off int64, stall time.Duration) (int64, error) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
@@ -355,15 +356,16 @@ func (d *direct) send(c net.Conn, rd *content.Reader, off int64) (int64, error) 
 	}()
 	var n int64
 	var err error
+	out := stallWriter{w: c, setDeadline: c.SetWriteDeadline, stall: stall}
 	if rd.File() != nil {
 		// Over TCP without a cipher, with sendfile.
-		n, err = rd.CopyTo(c, off)
+		n, err = rd.CopyTo(stallReaderFrom{out}, off)
 	} else {
 		// A blob still arriving: each byte as soon as it is here, as on the stream, so that a line of
 		// nodes relaying it adds a round trip per node, not a megabyte (CopyTo's least part).
 		buf := sendBuffers.Get().(*[]byte)
 		defer sendBuffers.Put(buf)
-		n, err = io.CopyBuffer(struct{ io.Writer }{c}, io.NewSectionReader(rd, off, rd.Size()-off), *buf)
+		n, err = io.CopyBuffer(out, io.NewSectionReader(rd, off, rd.Size()-off), *buf)
 	}
 	return n, errors.Join(err, c.Close())
 }

@@ -279,3 +279,48 @@ func TestClosingNodeCutsItsDirectConnections(t *testing.T) {
 		t.Fatal("the read went on after the provider closed")
 	}
 }
+
+// A peer that asks for a blob and then stops reading is cut off once a write has waited the send
+// stall, on the stream and on a direct connection with either setting, and the upload slot it held
+// serves the next peer.
+func TestPeerThatStopsReadingLosesItsUploadSlot(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		size int // the stream's window, or the sockets' buffers, must not hold it all
+		enc  Encryption
+	}{
+		{"stream", directMinSize - 1, EncryptionTLS},
+		{"direct tls", 32 << 20, EncryptionTLS},
+		{"direct none", 32 << 20, EncryptionNone},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			psk := testKey(t)
+			n1 := testNodeWith(t, psk, func(o *Options) { o.Encryption = c.enc; o.sendStall = time.Second })
+			n2 := testNodeWith(t, psk, func(o *Options) { o.Encryption = c.enc }, n1.Addrs()[0])
+			n3 := testNodeWith(t, psk, func(o *Options) { o.Encryption = c.enc }, n1.Addrs()[0])
+			waitRouting(t, n1, n2, n3)
+			data, d := holdBlob(t, n1, c.size)
+			taken := directCount(n1, "taken")
+			stuck, err := n2.request(context.Background(), n1.ID(), blobRequest{Digest: d})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stuck.Close()
+			if direct := directCount(n1, "taken") > taken; direct != (c.name != "stream") {
+				t.Fatalf("went over a direct connection: %v", direct)
+			}
+			for deadline := time.Now().Add(15 * time.Second); n1.uploads.inUse() > 0; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("a peer that stopped reading still holds its upload slot")
+				}
+			}
+			if got, err := io.ReadAll(stuck); err == nil {
+				t.Fatalf("the peer that stopped reading then read %d bytes of %d and no error", len(got), len(data))
+			}
+			got, err := readPeer(t, n3, blobObject(t, d), 0)
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("the next peer: %d of %d bytes, %v", len(got), len(data), err)
+			}
+		})
+	}
+}

@@ -3,8 +3,11 @@ package peering
 import (
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -294,4 +297,49 @@ func (u *uploadSlots) maxPerBlob() int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.peak
+}
+
+// stallWriter writes blob bytes to a peer, each write within stall of its start: a peer that stops
+// reading is cut off then, which frees the upload slot it holds (with one slot a blob, a member that
+// asked and never read would otherwise keep a blob from every other peer of the node for as long as
+// it kept the connection open). A peer that reads, however slowly, is never cut off: the deadline
+// moves with every write, and one write is at most a send buffer.
+type stallWriter struct {
+	w           io.Writer
+	setDeadline func(time.Time) error // the write deadline of what w writes to
+	stall       time.Duration
+}
+
+func (w stallWriter) Write(p []byte) (int, error) {
+	if err := w.setDeadline(time.Now().Add(w.stall)); err != nil {
+		return 0, err
+	}
+	return w.w.Write(p)
+}
+
+// stallReaderFrom is a stallWriter for a copy from a file: it hands the file on to the connection's
+// ReadFrom (sendfile, for TCP) a send buffer's worth at a time, each part within the stall.
+type stallReaderFrom struct{ stallWriter }
+
+func (w stallReaderFrom) ReadFrom(r io.Reader) (int64, error) {
+	// The connection sends a file with sendfile only when it gets it as the file or as an
+	// *io.LimitedReader of it, not as one LimitedReader in another.
+	lr, ok := r.(*io.LimitedReader)
+	if !ok {
+		lr = &io.LimitedReader{R: r, N: math.MaxInt64}
+	}
+	var n int64
+	for lr.N > 0 {
+		if err := w.setDeadline(time.Now().Add(w.stall)); err != nil {
+			return n, err
+		}
+		part := &io.LimitedReader{R: lr.R, N: min(lr.N, sendBufferSize)}
+		m, err := io.Copy(w.w, part)
+		n += m
+		lr.N -= m
+		if err != nil || part.N > 0 { // part.N > 0: the reader ended before the part did
+			return n, err
+		}
+	}
+	return n, nil
 }

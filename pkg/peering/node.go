@@ -116,13 +116,19 @@ type Options struct {
 	// fetchThroughWait bounds how long a fetch through waits for the upstream's first answer, and
 	// throughAnswerWait how long an asker waits for the leader's answer to one. Tests shorten them.
 	fetchThroughWait, throughAnswerWait time.Duration
+	// sendStall bounds how long one write of a blob to a peer may block (see stallWriter). Tests
+	// shorten it.
+	sendStall time.Duration
 }
 
 // Defaults of Options.fetchThroughWait and Options.throughAnswerWait: the asker waits for the
-// leader's own wait, and the leader's answer on top.
+// leader's own wait, and the leader's answer on top. Default of Options.sendStall: a megabyte
+// written at the least rate the asker's store accepts from a source (32 KiB/s) takes 32 s, so an
+// asker that reads is never cut off by it, only one that stopped reading.
 const (
 	defaultFetchThroughWait  = 30 * time.Second
 	defaultThroughAnswerWait = 40 * time.Second
+	defaultSendStall         = time.Minute
 )
 
 // Node is one agent's presence in the cluster.
@@ -250,6 +256,9 @@ func (opts Options) withDefaults() Options {
 	}
 	if opts.throughAnswerWait == 0 {
 		opts.throughAnswerWait = defaultThroughAnswerWait
+	}
+	if opts.sendStall == 0 {
+		opts.sendStall = defaultSendStall
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)

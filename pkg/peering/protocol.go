@@ -176,7 +176,7 @@ func (n *Node) serveBlob(s network.Stream) error {
 			return err
 		}
 		if conn != nil {
-			sent, err := n.direct.send(conn, rd, req.Offset)
+			sent, err := n.direct.send(conn, rd, req.Offset, n.opts.sendStall)
 			n.metrics.servedBytes.Add(float64(sent))
 			if err != nil {
 				return fmt.Errorf("send %s on a direct connection: %w", req.Digest, err)
@@ -188,7 +188,8 @@ func (n *Node) serveBlob(s network.Stream) error {
 	// resets the stream, so that the peer never takes a short blob for a whole one.
 	buf := sendBuffers.Get().(*[]byte)
 	defer sendBuffers.Put(buf)
-	sent, err := io.CopyBuffer(s, io.NewSectionReader(rd, req.Offset, rd.Size()-req.Offset), *buf)
+	out := stallWriter{w: s, setDeadline: s.SetWriteDeadline, stall: n.opts.sendStall}
+	sent, err := io.CopyBuffer(out, io.NewSectionReader(rd, req.Offset, rd.Size()-req.Offset), *buf)
 	n.metrics.servedBytes.Add(float64(sent))
 	if err != nil {
 		return fmt.Errorf("send %s: %w", req.Digest, err)
