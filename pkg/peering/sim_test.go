@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,6 +68,10 @@ type simConfig struct {
 	// nodes of their own, and a longer wait shows what the protocol does when CPU is not the limit.
 	BusyWait    time.Duration
 	ColdTimeout time.Duration // how long each node may take for a cold blob (COLD_TIMEOUT, default 5m)
+	// ColdProfile, if set, is a file for a CPU profile of the cold blobs alone (COLD_PROFILE): what
+	// the nodes spend spreading a blob, without the DHT's start-up and the lookups before it (of the
+	// last cluster size, when there are several).
+	ColdProfile string
 }
 
 func simConfigFromEnv(tb testing.TB) simConfig {
@@ -121,6 +126,7 @@ func simConfigFromEnv(tb testing.TB) simConfig {
 	env("UPLOAD_SLOTS", integer(&c.UploadSlots))
 	env("BUSY_WAIT", dur(&c.BusyWait))
 	env("COLD_TIMEOUT", dur(&c.ColdTimeout))
+	env("COLD_PROFILE", func(v string) error { c.ColdProfile = v; return nil })
 	return c
 }
 
@@ -476,6 +482,17 @@ func runSim(b *testing.B, cfg simConfig, size int) simResult {
 	r.held = held
 	fmt.Printf("sim: %d nodes: %s\n", size, r.held)
 
+	if cfg.ColdProfile != "" {
+		f, err := os.Create(cfg.ColdProfile)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer func() { _ = f.Close() }() // the profile is written by StopCPUProfile
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	for round := range cfg.ColdRounds {
 		cs, err := c.coldStart(round)
 		if err != nil {
