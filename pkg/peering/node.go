@@ -15,6 +15,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -28,7 +29,7 @@ import (
 	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p-kad-dht/provider"
-	"github.com/libp2p/go-libp2p-kad-dht/records"
+	dhtrecords "github.com/libp2p/go-libp2p-kad-dht/records"
 	kb "github.com/libp2p/go-libp2p-kbucket"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -136,6 +137,7 @@ type Node struct {
 	opts    Options
 	host    host.Host
 	dht     *dht.IpfsDHT
+	records io.Closer // the DHT's provider records (newRecordStore)
 	log     *slog.Logger
 	metrics *metrics
 
@@ -271,21 +273,27 @@ func (opts Options) withDefaults() Options {
 // it and d (nil: no direct connections), on failure too.
 func newOnHost(ctx context.Context, opts Options, h host.Host, m *metrics, bootstrap []peer.AddrInfo, d *direct) (*Node, error) {
 	opts = opts.withDefaults()
+	records, err := newRecordStore()
+	if err != nil {
+		return nil, errors.Join(err, h.Close(), d.close())
+	}
 	kad, err := dht.New(h,
 		dht.Mode(dht.ModeServer),
 		dht.ProtocolPrefix(ProtocolPrefix),
 		dht.DisableValues(),
+		dht.Datastore(records),
 		// Records of blobs a node evicted expire: it stops reproviding them.
-		dht.ProviderManagerOpts(records.ProvideValidity(2*opts.ReprovideInterval)),
+		dht.ProviderManagerOpts(dhtrecords.ProvideValidity(2*opts.ReprovideInterval)),
 		dht.BootstrapPeers(bootstrap...),
 	)
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), h.Close(), d.close())
+		return nil, errors.Join(fmt.Errorf("peering: start DHT: %w", err), records.Close(), h.Close(), d.close())
 	}
 	n := &Node{
 		opts:    opts,
 		host:    h,
 		dht:     kad,
+		records: records,
 		log:     opts.Logger,
 		metrics: m,
 		bad:     newBadPeers(10 * time.Minute),
@@ -405,7 +413,8 @@ func (n *Node) Close() error {
 		if sweep := n.sweep.Load(); sweep != nil {
 			sweepErr = sweep.Close()
 		}
-		n.closeErr = errors.Join(sweepErr, directErr, n.dht.Close(), n.host.Close())
+		dhtErr := n.dht.Close() // writes the records it buffers, before they are closed
+		n.closeErr = errors.Join(sweepErr, directErr, dhtErr, n.records.Close(), n.host.Close())
 	})
 	return n.closeErr
 }
