@@ -363,9 +363,7 @@ func (d *direct) send(c net.Conn, rd *content.Reader, off int64, stall time.Dura
 	} else {
 		// A blob still arriving: each byte as soon as it is here, as on the stream, so that a line of
 		// nodes relaying it adds a round trip per node, not a megabyte (CopyTo's least part).
-		buf := sendBuffers.Get().(*[]byte)
-		defer sendBuffers.Put(buf)
-		n, err = io.CopyBuffer(out, io.NewSectionReader(rd, off, rd.Size()-off), *buf)
+		n, err = sendRange(out, rd, off)
 	}
 	return n, errors.Join(err, c.Close())
 }

@@ -186,10 +186,7 @@ func (n *Node) serveBlob(s network.Stream) error {
 	}
 	// A blob still arriving is sent as it arrives; a reader that fails (the blob did not verify)
 	// resets the stream, so that the peer never takes a short blob for a whole one.
-	buf := sendBuffers.Get().(*[]byte)
-	defer sendBuffers.Put(buf)
-	out := stallWriter{w: s, setDeadline: s.SetWriteDeadline, stall: n.opts.sendStall}
-	sent, err := io.CopyBuffer(out, io.NewSectionReader(rd, req.Offset, rd.Size()-req.Offset), *buf)
+	sent, err := sendRange(stallWriter{w: s, setDeadline: s.SetWriteDeadline, stall: n.opts.sendStall}, rd, req.Offset)
 	n.metrics.servedBytes.Add(float64(sent))
 	if err != nil {
 		return fmt.Errorf("send %s: %w", req.Digest, err)
@@ -279,6 +276,13 @@ const errBehind = "behind"
 // sendBuffers are what blobs go out through: large writes cross the stream muxer and the secure
 // channel in few, large frames.
 var sendBuffers = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// sendRange writes rd from off to its end to w through a send buffer, each byte as soon as rd has it.
+func sendRange(w stallWriter, rd *content.Reader, off int64) (int64, error) {
+	buf := sendBuffers.Get().(*[]byte)
+	defer sendBuffers.Put(buf)
+	return io.CopyBuffer(w, io.NewSectionReader(rd, off, rd.Size()-off), *buf)
+}
 
 func (n *Node) serveTag(s network.Stream) error {
 	if err := s.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
