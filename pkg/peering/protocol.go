@@ -112,6 +112,20 @@ func refuse(s network.Stream, ans any) error {
 	return nil
 }
 
+// held is what a blob request holds while it is served (its upload slot, its send buffer, its
+// reader), let go in reverse order. A refusal lets go before it is written: the asker may ask
+// again the moment it reads it, and must find the slot its refused request held free.
+type held []func()
+
+func (h *held) add(release func()) { *h = append(*h, release) }
+
+func (h *held) release() {
+	for i := len(*h) - 1; i >= 0; i-- {
+		(*h)[i]()
+	}
+	*h = nil
+}
+
 func (n *Node) serveBlob(s network.Stream) error {
 	if err := s.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		return err
@@ -122,6 +136,12 @@ func (n *Node) serveBlob(s network.Stream) error {
 	}
 	if err := s.SetReadDeadline(time.Time{}); err != nil {
 		return err
+	}
+	var hold held
+	defer hold.release()
+	refuseFreed := func(ans blobAnswer) error {
+		hold.release()
+		return refuse(s, ans)
 	}
 	if !req.Stat {
 		// One of the blob's upload slots first: a node whose link already carries the blob to as
@@ -135,28 +155,28 @@ func (n *Node) serveBlob(s network.Stream) error {
 			}
 			return refuse(s, ans)
 		}
-		defer release()
+		hold.add(release)
 		// The send buffer counts against the blob protocol's memory, the peer's share of it included:
 		// past it, the peer is told to go elsewhere rather than the node growing without bound.
 		if err := s.Scope().ReserveMemory(sendBufferSize, network.ReservationPriorityAlways); err != nil {
-			return refuse(s, blobAnswer{Error: errBusy + ": " + err.Error()})
+			return refuseFreed(blobAnswer{Error: errBusy + ": " + err.Error()})
 		}
-		defer s.Scope().ReleaseMemory(sendBufferSize)
+		hold.add(func() { s.Scope().ReleaseMemory(sendBufferSize) })
 	}
 	rd, release, err := n.blobReader(s.Conn().RemotePeer(), req)
 	if err != nil {
-		return refuse(s, blobAnswer{Error: err.Error()})
+		return refuseFreed(blobAnswer{Error: err.Error()})
 	}
-	defer release()
-	defer func() { _ = rd.Close() }() // a reader's Close only releases it
+	hold.add(release)
+	hold.add(func() { _ = rd.Close() }) // a reader's Close only releases it
 	if req.Offset > rd.Size() {
-		return refuse(s, blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
+		return refuseFreed(blobAnswer{Error: fmt.Sprintf("offset %d past the end (%d)", req.Offset, rd.Size())})
 	}
 	// A resume from a byte this node has not received yet would wait on this node's own source,
 	// which may be the asker itself (a node whose provider died asking a node that streams from it):
 	// both would stall until the store gives up on them. The asker goes elsewhere at once instead.
 	if got := rd.Received(); req.Offset > got {
-		return refuse(s, blobAnswer{Error: fmt.Sprintf("%s: offset %d, this node has %d bytes of it so far", errBehind, req.Offset, got)})
+		return refuseFreed(blobAnswer{Error: fmt.Sprintf("%s: offset %d, this node has %d bytes of it so far", errBehind, req.Offset, got)})
 	}
 	ans := blobAnswer{Size: rd.Size()}
 	var ticket *directTicket
