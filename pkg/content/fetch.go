@@ -580,6 +580,15 @@ func (ing *ingestion) fill() error {
 		if from < 0 || round == maxVerifyRounds {
 			return mismatch
 		}
+		// Readers first: from here on none is given a byte of the round that failed, and those given
+		// one fail now, not when the next bytes arrive. Only then are the sources told, so that
+		// whoever hears of the failure finds the blob already cut back to its last good byte.
+		ing.mu.Lock()
+		ing.written, ing.heldFrom, ing.rejects = from, -1, nil
+		ing.round++
+		ing.mismatch = mismatch
+		ing.cond.Broadcast()
+		ing.mu.Unlock()
 		for _, reject := range rejects {
 			reject(mismatch)
 		}
@@ -589,12 +598,6 @@ func (ing *ingestion) fill() error {
 		if _, err := ing.file.Seek(from, io.SeekStart); err != nil {
 			return fmt.Errorf("%w: %w", mismatch, err)
 		}
-		ing.mu.Lock()
-		ing.written, ing.heldFrom, ing.rejects = from, -1, nil
-		ing.round++
-		ing.mismatch = mismatch
-		ing.cond.Broadcast() // tainted readers fail now, not when the next bytes arrive
-		ing.mu.Unlock()
 		ing.digester = ing.d.Algorithm().Digester()
 		s.log.Warn("blob failed verification; fetching its untrusted part again", "digest", ing.d, "offset", from, "err", mismatch)
 	}
