@@ -53,8 +53,8 @@ import (
 
 const (
 	// directMinSize is the fewest bytes a direct connection is offered for: below, the connection
-	// and its handshake cost more than they save. It is also the largest object a peer's answer is
-	// read whole for (verifyLimit), which keeps those on the stream and its read deadline.
+	// and its handshake cost more than they save. It is also past the largest manifest (verifyLimit),
+	// which keeps manifests, read whole, on the stream and its read deadline.
 	directMinSize = verifyLimit + 1
 	// directClaimWait bounds how long a provider waits for the asker to take its ticket, and
 	// directHandshakeWait how long a direct connection may take to bring its ticket.

@@ -199,25 +199,20 @@ func TestPeerSourceContract(t *testing.T) {
 	})
 }
 
-// A peer that holds a rotten copy is found out at once for small objects, and marked untrusted for
-// large ones, whose bytes the store verifies.
-func TestPeerSourceVerifiesSmallObjectsAndMarksLargeOnesUntrusted(t *testing.T) {
+// A peer that holds a rotten copy of a manifest is found out at once. A blob, small or large, comes
+// marked untrusted for the store to verify as it streams, so that the node can pass its first bytes
+// on before the last arrive; a peer the store rejects is not asked again.
+func TestPeerSourceVerifiesManifestsAndMarksBlobsUntrusted(t *testing.T) {
 	psk := testKey(t)
 	n1 := testNode(t, psk)
 	n2 := testNode(t, psk, n1.Addrs()[0])
 	waitRouting(t, n1, n2)
 	repo, _ := reference.ParseNamed("example.test/team/app")
-	for _, size := range []int{64 << 10, verifyLimit + 1} {
-		data := make([]byte, size)
-		rand.Read(data)
-		d := digest.FromBytes(data)
-		if err := n1.opts.Store.Put(d, data); err != nil {
-			t.Fatal(err)
-		}
-		c, _ := DigestCID(d)
-		if err := n1.dht.Provide(context.Background(), c, true); err != nil {
-			t.Fatalf("provide: %v", err)
-		}
+	for _, tc := range []struct {
+		kind source.Kind
+		size int
+	}{{source.KindManifest, 64 << 10}, {source.KindBlob, 64 << 10}, {source.KindBlob, verifyLimit + 1}} {
+		_, d := holdBlob(t, n1, tc.size)
 		f, _, err := n1.opts.Store.Open(d)
 		if err != nil {
 			t.Fatal(err)
@@ -233,21 +228,21 @@ func TestPeerSourceVerifiesSmallObjectsAndMarksLargeOnesUntrusted(t *testing.T) 
 		}
 		rot.Close()
 
-		obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: d}
+		obj := source.Object{Repo: repo, Kind: tc.kind, Digest: d}
 		got, err := n2.Source().Open(context.Background(), obj, 0)
-		if size <= verifyLimit {
+		if tc.kind == source.KindManifest {
 			if !errors.Is(err, source.ErrNotFound) || !n2.bad.has(n1.ID(), d) {
-				t.Fatalf("small rotten blob: %v, bad peer recorded: %v", err, n2.bad.has(n1.ID(), d))
+				t.Fatalf("rotten manifest: %v, bad peer recorded: %v", err, n2.bad.has(n1.ID(), d))
 			}
 			continue
 		}
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("%d byte blob: %v", tc.size, err)
 		}
 		b, _ := io.ReadAll(got)
 		got.Close()
-		if !got.Untrusted || got.Reject == nil || bytes.Equal(b, data) {
-			t.Fatalf("large blob from a peer: untrusted %v, reject set %v", got.Untrusted, got.Reject != nil)
+		if !got.Untrusted || got.Reject == nil || digest.FromBytes(b) == d {
+			t.Fatalf("%d byte blob from a peer: untrusted %v, reject set %v", tc.size, got.Untrusted, got.Reject != nil)
 		}
 		got.Reject(content.ErrDigestMismatch)
 		if _, err := n2.Source().Open(context.Background(), obj, 0); !errors.Is(err, source.ErrNotFound) {

@@ -328,8 +328,8 @@ func (n *Node) serveTag(s network.Stream) error {
 	return writeLine(s, tagAnswer{Descriptor: desc, Resolved: resolved})
 }
 
-// verifyLimit is the size up to which objects from peers are read whole and verified before they are
-// handed on: manifests and small blobs cost nothing to hold, and a bad peer is then skipped at once.
+// verifyLimit is the largest manifest a peer may send. Manifests are read whole and verified before
+// they are handed on.
 const verifyLimit = source.MaxManifestSize
 
 // DefaultBusyWait is Source.BusyWait's default: with the search, well inside the 30 s that containerd
@@ -607,8 +607,11 @@ func (s *Source) providers(ctx context.Context, key cid.Cid, d digest.Digest) []
 	}
 }
 
-// fetch opens one object on one peer. Small objects are read whole and verified here, so that a bad
-// peer is skipped at once; larger ones stream, marked untrusted, and the store verifies them.
+// fetch opens one object on one peer. A manifest is read whole and verified here, so that a bad peer
+// is skipped at once. A blob of any size streams, marked untrusted, and the store verifies it: the
+// node can then pass the blob's first bytes on while the rest arrives. A small blob read whole would
+// make every level of a cold pull's tree wait for a whole transfer before it serves the next, and the
+// store already keeps a corrupt blob from every client and fetches it again from a good source.
 func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, error) {
 	n := s.node
 	manifest := r.obj.Kind == source.KindManifest
@@ -623,12 +626,7 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 	if r.stat {
 		return c, nil
 	}
-	if c.Descriptor.Size > verifyLimit || offset > 0 {
-		if manifest {
-			_ = c.Close() // refused unread
-			n.reject(r.peer, r.obj.Digest, reasonOversized, nil)
-			return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
-		}
+	if !manifest {
 		c.Untrusted = true
 		c.Reject = func(err error) {
 			reason := reasonDigestMismatch
@@ -642,9 +640,14 @@ func (s *Source) fetch(ctx context.Context, r peerRequest) (*source.Content, err
 		}
 		return c, nil
 	}
+	if c.Descriptor.Size > verifyLimit {
+		_ = c.Close() // refused unread
+		n.reject(r.peer, r.obj.Digest, reasonOversized, nil)
+		return nil, fmt.Errorf("fetch %s from peer %s: %d bytes, over the %d byte limit for manifests", r.obj.Digest, r.peer, c.Descriptor.Size, verifyLimit)
+	}
 	defer func() { _ = c.Close() }() // read whole below; nothing is left to flush
-	// Read whole here, the object escapes the store's stall and rate checks: a deadline does their
-	// work, at the store's minimum rate for the object's size, and never less than smallReadTime.
+	// Read whole here, the manifest escapes the store's stall and rate checks: a deadline does their
+	// work, at the store's minimum rate for its size, and never less than smallReadTime.
 	if ps, ok := c.ReadCloser.(*peerStream); ok {
 		wait := max(smallReadTime, time.Duration(c.Descriptor.Size/content.DefaultMinRate)*time.Second)
 		if err := ps.s.SetReadDeadline(time.Now().Add(wait)); err != nil {
@@ -772,8 +775,8 @@ func (n *Node) takeDirect(ctx context.Context, st network.Stream, req blobReques
 	}, true, nil
 }
 
-// smallReadTime is the least time a peer has to send an object that is read whole (up to
-// verifyLimit): a peer that holds it longer is passed over.
+// smallReadTime is the least time a peer has to send a manifest, which is read whole: a peer that
+// holds it longer is passed over.
 const smallReadTime = 20 * time.Second
 
 // peerStream is a blob arriving from a peer.
