@@ -25,7 +25,9 @@ type metrics struct {
 	provideDropped prometheus.Counter
 	servedBytes    prometheus.Counter
 	fetchThrough   prometheus.Counter
-	badPeer        *prometheus.CounterVec
+	// throughRedirected counts fetches through passed on to a node closer to the digest.
+	throughRedirected prometheus.Counter
+	badPeer           *prometheus.CounterVec
 	// throughRefused counts fetches through refused, by the limit that refused them; limitRefused
 	// the resource manager's refusals.
 	throughRefused *prometheus.CounterVec
@@ -66,6 +68,9 @@ func newMetrics() *metrics {
 		}),
 		fetchThrough: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imagemesh_peering_fetch_through_total", Help: "Blobs this node fetched from its own sources because a peer asked it to lead.",
+		}),
+		throughRedirected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imagemesh_peering_fetch_through_redirected_total", Help: "Fetches through that peers asked for and this node sent on to a node closer to the digest, which leads for it.",
 		}),
 		badPeer: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagemesh_peering_bad_peer_events_total", Help: "Times a peer sent content that failed verification or came too slowly, by reason; the peer is skipped for that digest.",
@@ -111,7 +116,7 @@ func (m *metrics) register(reg prometheus.Registerer, h host.Host, uploads *uplo
 		sending := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imagemesh_peering_uploads", Help: "Blob streams being sent to peers now.",
 		}, func() float64 { return float64(uploads.inUse()) })
-		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.badPeer,
+		reg.MustRegister(m.provide, m.find, m.provideDropped, m.servedBytes, m.fetchThrough, m.throughRedirected, m.badPeer,
 			m.throughRefused, m.limitRefused, m.slotRefused, m.direct, m.directFallback, peers, sending, sweepCollector{sweep})
 	}
 }

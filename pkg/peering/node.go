@@ -638,7 +638,9 @@ const leaderLookup = 5 * time.Second
 // A lookup cut short by its deadline (a cluster whose nodes all start at once, on busy CPUs) still
 // names the closest peers it heard of: they are nearer the key than this node's own routing table,
 // which only breaks the tie when the lookup found nobody. Nodes whose lookups stopped at different
-// points may then ask different leaders, and the registry serves the blob a few times, not once.
+// points may then ask different nodes; a node asked that knows a closer one sends them on to it
+// (closerNode), so that one node fetches. A node that takes itself for the leader fetches without
+// asking anyone: when its lookup missed a closer node, the registry serves the blob twice.
 func (n *Node) leader(ctx context.Context, d digest.Digest) (peer.ID, bool) {
 	c, err := DigestCID(d)
 	if err != nil {
@@ -665,6 +667,23 @@ func (n *Node) leader(ctx context.Context, d digest.Digest) (peer.ID, bool) {
 		return "", false
 	}
 	return best, true
+}
+
+// closerNode returns the node of this node's routing table closest to d's key, if it is closer to the
+// key than this node: the node that leads for d as far as this node knows. Nodes close to a key know
+// the nodes around it (the DHT keeps them in its fullest buckets), so a node that an asker's cut
+// short lookup took for the leader mostly knows the real one without a lookup of its own.
+func (n *Node) closerNode(d digest.Digest) (peer.ID, bool) {
+	c, err := DigestCID(d)
+	if err != nil {
+		return "", false
+	}
+	key := string(c.Hash())
+	nearest := n.dht.RoutingTable().NearestPeers(kb.ConvertKey(key), 1)
+	if len(nearest) == 0 || !kb.Closer(nearest[0], n.host.ID(), key) {
+		return "", false
+	}
+	return nearest[0], true
 }
 
 // reject records that p sent bad bytes for d: p is skipped for d for a while.

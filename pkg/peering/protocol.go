@@ -18,6 +18,7 @@ import (
 
 	"github.com/distribution/reference"
 	"github.com/ipfs/go-cid"
+	kb "github.com/libp2p/go-libp2p-kbucket"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/opencontainers/go-digest"
@@ -52,6 +53,9 @@ type blobAnswer struct {
 	Error string `json:"error,omitempty"`
 	// Try, with a busy answer, names the peers the blob is being sent to, where a slot may be free.
 	Try []peer.AddrInfo `json:"try,omitempty"`
+	// Leader, with the answer to a fetch through that this node refused (errNotLeader), names a
+	// node closer to the digest's key, which leads for it.
+	Leader *peer.AddrInfo `json:"leader,omitempty"`
 	// Direct offers the bytes on a direct connection; the asker then says where it wants them.
 	Direct *directOffer `json:"direct,omitempty"`
 }
@@ -165,7 +169,11 @@ func (n *Node) serveBlob(s network.Stream) error {
 	}
 	rd, release, err := n.blobReader(s.Conn().RemotePeer(), req)
 	if err != nil {
-		return refuseFreed(blobAnswer{Error: err.Error()})
+		ans := blobAnswer{Error: err.Error()}
+		if nl := (*notLeaderError)(nil); errors.As(err, &nl) {
+			ans.Leader = &nl.leader
+		}
+		return refuseFreed(ans)
 	}
 	hold.add(release)
 	hold.add(func() { _ = rd.Close() }) // a reader's Close only releases it
@@ -253,6 +261,13 @@ func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, relea
 	if err != nil {
 		return nil, nil, fmt.Errorf("bad repository %q", req.Repo)
 	}
+	if closer, ok := n.closerNode(req.Digest); ok {
+		// The asker's lookup stopped short of the leader. Fetching anyway would make this node a
+		// second leader, and the registry serve the blob again, for every node whose lookup
+		// stopped here: the asker is sent on to the closer node instead.
+		n.metrics.throughRedirected.Inc()
+		return nil, nil, &notLeaderError{leader: n.host.Peerstore().PeerInfo(closer)}
+	}
 	release, err = n.through.acquire(p, req.Digest)
 	if err != nil {
 		limit := limitNode
@@ -289,6 +304,18 @@ func (n *Node) blobReader(p peer.ID, req blobRequest) (rd *content.Reader, relea
 }
 
 const errNotHere = "not found"
+
+// errNotLeader answers a fetch through asked of a node that knows a node closer to the digest's key.
+const errNotLeader = "not the leader"
+
+// notLeaderError is a refused fetch through, with the node the refusing one takes for the leader.
+type notLeaderError struct {
+	leader peer.AddrInfo
+}
+
+func (e *notLeaderError) Error() string {
+	return fmt.Sprintf("%s: %s is closer to the digest", errNotLeader, e.leader.ID)
+}
 
 // errBehind answers a request from a byte the node has not received yet.
 const errBehind = "behind"
@@ -511,6 +538,12 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 				return c, nil
 			}
 			errs = append(errs, err)
+			if next, ok := s.redirected(r, err, key, tried); ok {
+				// The asked node knows a closer one: that one leads, in later rounds too.
+				leader = next.peer
+				queue = append([]peerRequest{next}, queue...)
+				continue
+			}
 			var b *busyError
 			if !errors.As(err, &b) {
 				if errors.Is(err, errPeerBusy) || timedOut(ctx, err) {
@@ -549,12 +582,36 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 	}
 	if len(errs) == 0 {
 		n.log.Debug("no peer has it", "digest", obj.Digest, "kind", obj.Kind, "after", time.Since(start))
-		return nil, fmt.Errorf("no peer has %s: %w", obj.Digest, source.ErrNotFound)
+		return nil, fmt.Errorf("%s: %w: %w", obj.Digest, errNoPeerAsked, source.ErrNotFound)
 	}
 	n.log.Debug("peers failed", "digest", obj.Digest, "kind", obj.Kind, "err", errors.Join(errs...))
 	// Peers that failed are not a verdict on the object: the next source decides.
 	return nil, fmt.Errorf("%w: %w", source.ErrNotFound, errors.Join(errs...))
 }
+
+// redirected returns the fetch through to ask next when r's was refused by a node that names a node
+// closer to the digest's key as its leader. Each step gets closer to the key, so a chain of them ends.
+// A node named that is this one (a closer node takes this node for the leader) is not asked: this
+// node then goes to its next source, as a leader does.
+func (s *Source) redirected(r peerRequest, err error, key cid.Cid, tried map[peer.ID]bool) (peerRequest, bool) {
+	n := s.node
+	var nl *notLeaderError
+	if !r.through || !errors.As(err, &nl) {
+		return peerRequest{}, false
+	}
+	to := nl.leader
+	if to.ID == n.host.ID() || tried[to.ID] || n.bad.has(to.ID, r.obj.Digest) || !kb.Closer(to.ID, r.peer, string(key.Hash())) {
+		return peerRequest{}, false
+	}
+	if len(to.Addrs) > 0 {
+		n.host.Peerstore().AddAddrs(to.ID, to.Addrs, time.Minute)
+	}
+	return peerRequest{peer: to.ID, obj: r.obj, offset: r.offset, through: true}, true
+}
+
+// errNoPeerAsked is why the peers could not serve an object that no peer announced and for which
+// no other node leads (this node does, or the lookup found no node): nobody was asked.
+var errNoPeerAsked = errors.New("no peer has it and no other node leads for it")
 
 // timedOut says whether a request failed on a deadline of its own (the dial, identify, the answer)
 // while the caller still waits. A peer that does not answer in time is loaded, like a busy one, not
@@ -711,8 +768,11 @@ func (n *Node) request(ctx context.Context, p peer.ID, req blobRequest) (*source
 	}
 	if err == nil && ans.Error != "" {
 		err = errors.New(ans.Error)
-		if strings.HasPrefix(ans.Error, errBusy) {
+		switch {
+		case strings.HasPrefix(ans.Error, errBusy):
 			err = &busyError{msg: "peer busy: " + ans.Error, try: ans.Try}
+		case req.Through && ans.Leader != nil && ans.Leader.ID.Validate() == nil:
+			err = &notLeaderError{leader: *ans.Leader}
 		}
 	}
 	if err == nil && ans.Size < 0 {

@@ -594,19 +594,26 @@ type leaderStats struct {
 	distinctMax   int
 	majorityShare float64 // nodes that pick the digest's most picked leader
 	idealShare    float64 // nodes that pick the node closest to the digest in the whole cluster
+	// Fetchers are the nodes that would fetch the digest from the registry when every node asks the
+	// leader it picked to fetch it through, and each leader sends on to a closer node it knows
+	// (Node.closerNode): what the registry serves a cold blob, with no upload slot ever busy.
+	fetchersMean float64
+	fetchersMax  int
 }
 
 func (s leaderStats) String() string {
-	return fmt.Sprintf("leaders per digest mean %.2f max %d; %.1f%% of nodes agree with the majority, %.1f%% pick the closest node of the cluster",
-		s.distinctMean, s.distinctMax, s.majorityShare*100, s.idealShare*100)
+	return fmt.Sprintf("leaders per digest mean %.2f max %d; %.1f%% of nodes agree with the majority, %.1f%% pick the closest node of the cluster; fetchers after redirects mean %.2f max %d",
+		s.distinctMean, s.distinctMax, s.majorityShare*100, s.idealShare*100, s.fetchersMean, s.fetchersMax)
 }
 
 // leaderAgreement asks every node who leads each of k random digests: the leader rule of the node
 // itself (Node.leader).
 func (c *simCluster) leaderAgreement(k int) leaderStats {
 	ids := make([]peer.ID, len(c.nodes))
+	byID := make(map[peer.ID]*simNode, len(c.nodes))
 	for i, n := range c.nodes {
 		ids[i] = n.ID()
+		byID[n.ID()] = n
 	}
 	s := leaderStats{digests: k}
 	for range k {
@@ -638,15 +645,39 @@ func (c *simCluster) leaderAgreement(k int) leaderStats {
 		for _, v := range votes {
 			top = max(top, v)
 		}
+		fetchers := map[peer.ID]bool{}
+		for i, l := range leaders {
+			fetchers[c.fetcher(byID, ids[i], l, d)] = true
+		}
+		s.fetchersMean += float64(len(fetchers))
+		s.fetchersMax = max(s.fetchersMax, len(fetchers))
 		s.distinctMean += float64(len(votes))
 		s.distinctMax = max(s.distinctMax, len(votes))
 		s.majorityShare += float64(top) / float64(len(c.nodes))
 		s.idealShare += float64(votes[ideal]) / float64(len(c.nodes))
 	}
 	s.distinctMean /= float64(k)
+	s.fetchersMean /= float64(k)
 	s.majorityShare /= float64(k)
 	s.idealShare /= float64(k)
 	return s
+}
+
+// fetcher is the node that fetches d from the registry when node self asks leader to fetch it
+// through: the end of the chain of redirects, as Source.redirected follows it.
+func (c *simCluster) fetcher(byID map[peer.ID]*simNode, self, leader peer.ID, d digest.Digest) peer.ID {
+	for leader != self {
+		n, ok := byID[leader]
+		if !ok {
+			return leader
+		}
+		next, ok := n.closerNode(d)
+		if !ok {
+			return leader
+		}
+		leader = next
+	}
+	return self
 }
 
 type latencies []time.Duration
@@ -834,7 +865,11 @@ type coldStats struct {
 	servers                int   // nodes that served a blob stream in a round (most of any round)
 	failed                 int
 	fromPeer, fromRegistry int
-	done                   latencies
+	// Why nodes went to the registry first: they asked no peer (they took themselves for the
+	// blob's leader, or found none), every peer they asked was busy until the busy wait ran out,
+	// or peers failed otherwise.
+	askedNone, waitedOut, peersFailed int
+	done                              latencies
 }
 
 func (s *coldStats) add(o coldStats) {
@@ -849,12 +884,16 @@ func (s *coldStats) add(o coldStats) {
 	s.failed += o.failed
 	s.fromPeer += o.fromPeer
 	s.fromRegistry += o.fromRegistry
+	s.askedNone += o.askedNone
+	s.waitedOut += o.waitedOut
+	s.peersFailed += o.peersFailed
 	s.done = append(s.done, o.done...)
 }
 
 func (s coldStats) String() string {
-	return fmt.Sprintf("registry opens %d (%d at offset 0, %d by leaders for peers); blob streams: most open at once on one node %d, most peers sent one blob at once %d, most served by one node %d, nodes serving %d; first source peer %d registry %d; %d failed; done %s",
-		s.opens, s.fresh, s.through, s.maxServing, s.maxSlots, s.maxServed, s.servers, s.fromPeer, s.fromRegistry, s.failed, s.done)
+	return fmt.Sprintf("registry opens %d (%d at offset 0, %d by leaders for peers); blob streams: most open at once on one node %d, most peers sent one blob at once %d, most served by one node %d, nodes serving %d; first source peer %d registry %d (asked no peer %d, busy wait ran out %d, peers failed %d); %d failed; done %s",
+		s.opens, s.fresh, s.through, s.maxServing, s.maxSlots, s.maxServed, s.servers, s.fromPeer, s.fromRegistry,
+		s.askedNone, s.waitedOut, s.peersFailed, s.failed, s.done)
 }
 
 // coldStart has every node fetch the same new blob at the same moment, as the mirror does on a
@@ -917,8 +956,17 @@ func (c *simCluster) coldStart(round int) (coldStats, error) {
 			default:
 				s.fromRegistry++
 				why := "no error"
-				if e := n.peerErr.Load(); e != nil {
+				e := n.peerErr.Load()
+				if e != nil {
 					why = (*e).Error()
+				}
+				switch {
+				case e == nil || errors.Is(*e, errNoPeerAsked):
+					s.askedNone++
+				case errors.Is(*e, errPeerBusy):
+					s.waitedOut++
+				default:
+					s.peersFailed++
 				}
 				if s.fromRegistry <= 5 {
 					fmt.Printf("sim: %s went to the registry: peers: %.300s\n", n.ID(), why)
@@ -996,6 +1044,9 @@ func simTable(cfg simConfig, rows []simResult) string {
 	line("leaders per digest settled, mean / max", func(r simResult) string {
 		return fmt.Sprintf("%.2f / %d", r.leaders.distinctMean, r.leaders.distinctMax)
 	})
+	line("registry fetchers per digest after redirects, at start / settled", func(r simResult) string {
+		return fmt.Sprintf("%.2f / %.2f", r.leadersFresh.fetchersMean, r.leaders.fetchersMean)
+	})
 	line("nodes agreeing with majority, at start / settled", func(r simResult) string {
 		return fmt.Sprintf("%.1f%% / %.1f%%", r.leadersFresh.majorityShare*100, r.leaders.majorityShare*100)
 	})
@@ -1023,6 +1074,9 @@ func simTable(cfg simConfig, rows []simResult) string {
 	line("nodes serving blob streams (most in a round)", func(r simResult) string { return strconv.Itoa(r.cold.servers) })
 	line("first source: peer / registry / failed", func(r simResult) string {
 		return fmt.Sprintf("%d / %d / %d", r.cold.fromPeer, r.cold.fromRegistry, r.cold.failed)
+	})
+	line("  registry first: asked no peer / busy wait ran out / peers failed", func(r simResult) string {
+		return fmt.Sprintf("%d / %d / %d", r.cold.askedNone, r.cold.waitedOut, r.cold.peersFailed)
 	})
 	line("cold blob on every node: p50 / p99 / max", func(r simResult) string {
 		return d(r.cold.done.pct(.5)) + " / " + d(r.cold.done.pct(.99)) + " / " + d(r.cold.done.pct(1))

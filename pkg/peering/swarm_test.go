@@ -6,12 +6,15 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/distribution/reference"
+	kb "github.com/libp2p/go-libp2p-kbucket"
+	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -225,5 +228,103 @@ func TestSlowLeaderIsAskedAgain(t *testing.T) {
 				t.Fatalf("the upstream was opened %d times, want once", opens.Load())
 			}
 		})
+	}
+}
+
+// A node asked to fetch a blob through that knows a node closer to the digest's key does not fetch
+// it: it names that node, the leader, and the asker goes on to it. Askers whose leader lookups
+// stopped short of the leader, at different nodes, so still have the registry serve the blob once.
+func TestFetchThroughGoesOnToTheLeader(t *testing.T) {
+	psk := testKey(t)
+	repo, _ := reference.ParseNamed("example.test/team/app")
+	reg := &slowRegistry{Source: memsource.New("upstream"), rate: 64 << 20}
+	through := map[peer.ID]*atomic.Int32{}
+	var all []*Node
+	for range 3 {
+		var n *Node
+		var count atomic.Int32
+		n = testNodeWith(t, psk, func(o *Options) {
+			o.FetchThrough = func(ctx context.Context, obj source.Object) (*content.Reader, error) {
+				count.Add(1)
+				return n.opts.Store.Fetch(ctx, obj.Digest, simFetchFrom(reg, obj))
+			}
+		}, firstAddrs(all)...)
+		through[n.ID()] = &count
+		all = append(all, n)
+	}
+	waitRouting(t, all...)
+
+	// A blob whose key is closest to one node (the leader), then to a second (the one asked), and
+	// farthest from the third (the asker).
+	data := make([]byte, 256<<10)
+	var d digest.Digest
+	var order []peer.ID
+	ids := []peer.ID{all[0].ID(), all[1].ID(), all[2].ID()}
+	for {
+		rand.Read(data)
+		d = digest.FromBytes(data)
+		key, _ := DigestCID(d) // a sha256 digest always has a CID
+		order = kb.SortClosestPeers(ids, kb.ConvertKey(string(key.Hash())))
+		if order[0] != ids[2] { // any order will do; the nodes' roles follow from it
+			break
+		}
+	}
+	desc := reg.AddBlob(repo, data)
+	obj := source.Object{Repo: repo, Kind: source.KindBlob, Digest: desc.Digest, Size: desc.Size}
+	node := func(id peer.ID) *Node { return all[slices.Index(ids, id)] }
+	leader, asked, asker := node(order[0]), node(order[1]), node(order[2])
+	key, _ := DigestCID(d)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	src := asker.Source()
+	r := peerRequest{peer: asked.ID(), obj: obj, through: true}
+	_, err := src.fetch(ctx, r)
+	var nl *notLeaderError
+	if !errors.As(err, &nl) || nl.leader.ID != leader.ID() || len(nl.leader.Addrs) == 0 {
+		t.Fatalf("asking a node that knows a closer one to fetch through: %v, want it to name the leader %s with its addresses", err, leader.ID())
+	}
+	if got := testutil.ToFloat64(asked.metrics.throughRedirected); got != 1 {
+		t.Errorf("the node asked counted %v redirects, want 1", got)
+	}
+	if _, ok := src.redirected(peerRequest{peer: leader.ID(), obj: obj, through: true}, &notLeaderError{leader: nl.leader}, key, map[peer.ID]bool{}); ok {
+		t.Error("a redirect to the node asked itself was followed")
+	}
+	if _, ok := src.redirected(peerRequest{peer: leader.ID(), obj: obj, through: true}, &notLeaderError{leader: peer.AddrInfo{ID: asked.ID()}}, key, map[peer.ID]bool{}); ok {
+		t.Error("a redirect to a node farther from the key than the node asked was followed")
+	}
+	next, ok := src.redirected(r, err, key, map[peer.ID]bool{asked.ID(): true})
+	if !ok || next.peer != leader.ID() || !next.through {
+		t.Fatalf("the redirect was not followed to the leader: %+v, %v", next, ok)
+	}
+
+	// Through the peer source as the mirror asks it: the blob, from the leader's one fetch.
+	got, err := src.Open(ctx, obj, 0)
+	if err != nil {
+		t.Fatalf("open the blob on the peers: %v", err)
+	}
+	rd, err := asker.opts.Store.Fetch(ctx, d, func(context.Context, int64) (*content.Fetched, error) {
+		return &content.Fetched{Body: got, Size: got.Descriptor.Size, Source: got.Source, Untrusted: true, SizeTrusted: true}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body bytes.Buffer
+	_, err = rd.WriteTo(&body)
+	rd.Close()
+	if err != nil || !bytes.Equal(body.Bytes(), data) {
+		t.Fatalf("blob from the leader: %d bytes of %d, %v", body.Len(), len(data), err)
+	}
+	for _, n := range all {
+		want := int32(0)
+		if n == leader {
+			want = 1
+		}
+		if got := through[n.ID()].Load(); got != want {
+			t.Errorf("node %s fetched through %d times, want %d", n.ID(), got, want)
+		}
+	}
+	if n := reg.opens.Load(); n != 1 {
+		t.Errorf("the registry was asked for the blob %d times, want once", n)
 	}
 }
