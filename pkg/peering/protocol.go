@@ -567,7 +567,7 @@ func (s *Source) open(ctx context.Context, obj source.Object, offset int64, stat
 		if busy == 0 || ctx.Err() != nil || time.Since(start) > s.BusyWait {
 			break
 		}
-		wait := time.Duration(50+rand.IntN(200)) * time.Millisecond
+		wait := roundWait(round)
 		select {
 		case <-ctx.Done():
 		case <-time.After(wait):
@@ -627,6 +627,20 @@ func timedOut(ctx context.Context, err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
 		errors.As(err, &timeout) && timeout.Timeout()
 }
+
+// roundWait is how long a node waits after round (from 0) of asking found every provider busy:
+// 50 to 250 ms at first, twice as long each round after, up to maxRoundWait. Slots free within a
+// transfer, so the first rounds come quickly; a node that waits longer is in a large cluster, where
+// every round is a DHT search that lands on the same few nodes closest to the digest, and the
+// searches of a thousand waiting nodes would load those nodes (and, in one process, the simulation)
+// more than the waiting gains.
+func roundWait(round int) time.Duration {
+	base := time.Duration(50+rand.IntN(200)) * time.Millisecond
+	return min(base<<min(round, 8), maxRoundWait-time.Duration(rand.IntN(int(maxRoundWait/4))))
+}
+
+// maxRoundWait bounds roundWait.
+const maxRoundWait = 2 * time.Second
 
 // maxAsks bounds the peers asked in one round, hints included.
 const maxAsks = 64
