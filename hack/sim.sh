@@ -2,8 +2,8 @@
 # Runs the cluster simulation (issue 13; pkg/peering/sim_test.go): 100, 300 and 1,000 agents in one
 # process on go-libp2p's mocknet, the real DHT, provide loop, blob protocol and leader rule, and prints
 # one table of what each size costs. Heavy: it runs niced, one size after the other. 1,000 nodes with
-# one cold blob (IMAGEMESH_SIM_COLD_ROUNDS=1) took 35-49 minutes on 2 cores and 15.4-16.4 GiB at their
-# peak; a second cold blob went past 19 GiB.
+# one cold blob (IMAGEMESH_SIM_COLD_ROUNDS=1) took 35-52 minutes on 2 cores (38 without the held
+# digests, IMAGEMESH_SIM_HELD=0) and 15.4-16.4 GiB at their peak; a second cold blob went past 19 GiB.
 #
 #   hack/sim.sh                       # 100, 300, 1000
 #   IMAGEMESH_SIM_NODES=100,300 hack/sim.sh
